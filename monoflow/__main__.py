@@ -1,0 +1,5 @@
+import sys
+
+from monoflow.cli import main
+
+sys.exit(main())
