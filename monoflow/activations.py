@@ -1,0 +1,339 @@
+r"""Lipschitz activations for the network :math:`g` of monotone and residual blocks.
+
+Everything here is plain PyTorch (no compiled extension), works in float32 and float64 on any
+device, and exposes the same small interface so that :mod:`monoflow.lipschitz` can propagate
+Jacobians and certify Lipschitz constants without knowing which activation it holds:
+
+- ``forward(x)``: the activation; a *concatenating* activation maps ``(B, C, ...)`` to
+  ``(B, 2C, ...)`` as ``cat([a_1(x), a_2(x)], dim=1)``.
+- ``derivative(x)``: the elementwise derivative, of the output's shape. For a concatenating
+  activation it is ``cat([a_1'(x), a_2'(x)], dim=1)``, so the Jacobian of the activation is
+  ``cat([diag(a_1'(x)), diag(a_2'(x))], dim=0)`` (two diagonal blocks stacked along the output).
+- ``concatenates`` (bool) and ``lipschitz_constant`` (a float upper bound of the Lipschitz
+  constant with respect to the Euclidean norm). For a concatenating activation the bound is
+  :math:`\sup_x \sqrt{a_1'(x)^2 + a_2'(x)^2}`, the largest column norm of its Jacobian.
+
+Pila (Ahn et al. 2022), with :math:`t = kx`:
+
+.. math::
+
+    \mathrm{Pila}_k(x) = x \ (x > 0), \qquad
+    \mathrm{Pila}_k(x) = \tfrac{1}{k}\,(t^3/2 - t^2 + t)\,e^{t} \ (x \le 0),
+
+    \mathrm{Pila}_k'(x) = (t^3/2 + t^2/2 - t + 1)\,e^{t}, \quad
+    \mathrm{Pila}_k''(x) = k\,(t^3/2 + 2t^2)\,e^{t}, \quad
+    \mathrm{Pila}_k'''(x) = k^2\,(t^3/2 + 7t^2/2 + 4t)\,e^{t} \quad (x \le 0).
+
+The second and third derivatives vanish at 0 from both sides, so Pila is :math:`C^3`.
+Its minimum is -0.27422 (x = -0.4539 for k = 5), the minimum of Pila' is -0.348 (t = -4) and
+Pila' <= 1, so Pila is 1-Lipschitz for every k.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "pila",
+    "pila_derivative",
+    "pila_second_derivative",
+    "pila_third_derivative",
+    "Pila",
+    "CPila",
+    "LipSwish",
+    "CLipSwish",
+    "CReLU",
+    "ACTIVATIONS",
+    "make_activation",
+]
+
+# Below t = k x = -60 Pila and its derivatives are smaller than 1e-20 and are set to exactly 0:
+# exp of very negative arguments and the denormal numbers it returns make every later operation
+# on the CPU up to 10x slower, and the cubic polynomials stay finite (no inf * 0 = nan).
+_T_MIN = -60.0
+
+# sup_t |t^3/2 + 2 t^2| e^t over t <= 0 (about 0.62886): bounds |Pila''| / k, used for grid margins.
+_PILA_SECOND_DERIVATIVE_SUP_OVER_K = 0.629
+
+
+def _check_k(k: float) -> float:
+    k = float(k)
+    if not (math.isfinite(k) and k > 0):
+        raise ValueError(f"Pila needs a finite k > 0, got k={k}")
+    return k
+
+
+def _negative_part_t(x: torch.Tensor, k: float) -> torch.Tensor:
+    """t = k * min(x, 0), clamped at _T_MIN."""
+    return k * x.clamp(min=_T_MIN / k, max=0.0)
+
+
+def _times_exp(polynomial: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """polynomial * exp(t), exactly 0 where t reached the clamp."""
+    return torch.where(t > _T_MIN, polynomial * torch.exp(t), torch.zeros_like(t))
+
+
+def pila(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    r"""Pila activation: :math:`x` for :math:`x > 0`, :math:`(t^3/2 - t^2 + t)e^t / k` with
+    :math:`t = kx` for :math:`x \le 0`. Differentiable by autograd; never evaluates
+    :math:`e^{kx}` for :math:`x > 0`.
+
+    >>> pila(torch.tensor([-0.4539, 0.0, 2.0])).round(decimals=5)
+    tensor([-0.2742,  0.0000,  2.0000])
+    """
+    k = _check_k(k)
+    t = _negative_part_t(x, k)
+    negative = _times_exp(((t / 2 - 1) * t + 1) * t / k, t)
+    return torch.where(x > 0, x, negative)
+
+
+def pila_derivative(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    r"""First derivative of Pila: 1 for :math:`x > 0`, :math:`(t^3/2 + t^2/2 - t + 1)e^t` with
+    :math:`t = kx` for :math:`x \le 0`. Values lie in [-0.348, 1]. Differentiable by autograd.
+    """
+    k = _check_k(k)
+    t = _negative_part_t(x, k)
+    negative = _times_exp(((t / 2 + 0.5) * t - 1) * t + 1, t)
+    return torch.where(x > 0, torch.ones_like(x), negative)
+
+
+def pila_second_derivative(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    r"""Second derivative of Pila: 0 for :math:`x > 0`, :math:`k(t^3/2 + 2t^2)e^t` for
+    :math:`x \le 0` (:math:`t = kx`)."""
+    k = _check_k(k)
+    t = _negative_part_t(x, k)
+    negative = _times_exp(k * (t / 2 + 2) * t * t, t)
+    return torch.where(x > 0, torch.zeros_like(x), negative)
+
+
+def pila_third_derivative(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    r"""Third derivative of Pila: 0 for :math:`x > 0`, :math:`k^2(t^3/2 + 7t^2/2 + 4t)e^t` for
+    :math:`x \le 0` (:math:`t = kx`)."""
+    k = _check_k(k)
+    t = _negative_part_t(x, k)
+    negative = _times_exp(k * k * ((t / 2 + 3.5) * t + 4) * t, t)
+    return torch.where(x > 0, torch.zeros_like(x), negative)
+
+
+class _PilaFunction(torch.autograd.Function):
+    """Pila with a hand-written backward ``grad * Pila'(x)``.
+
+    Only ``x`` is saved (not the intermediate tensors of the closed form). The backward is made
+    of ordinary differentiable ops, so double backward (gradients of gradients) works.
+    """
+
+    generate_vmap_rule = True  # so torch.func transforms (vmap, jacrev) work through Pila
+
+    @staticmethod
+    def forward(x: torch.Tensor, k: float) -> torch.Tensor:  # type: ignore[override]
+        return pila(x, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, k = inputs
+        ctx.save_for_backward(x)
+        ctx.k = k
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_output * pila_derivative(x, ctx.k), None
+
+
+def _check_concat_input(x: torch.Tensor, name: str) -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} concatenates along dim 1 and needs an input of shape (B, C) or (B, C, H, W); "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+class Pila(nn.Module):
+    r"""Pila activation module (elementwise, 1-Lipschitz: :math:`-0.348 \le \mathrm{Pila}' \le 1`).
+
+    Args:
+        k: sharpness of the negative part (paper: 5).
+
+    >>> Pila()(torch.tensor([-1.0, 1.0])).shape
+    torch.Size([2])
+    """
+
+    concatenates: bool = False
+    lipschitz_constant: float = 1.0
+
+    def __init__(self, k: float = 5.0) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PilaFunction.apply(x, self.k)
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise derivative Pila'(x)."""
+        return pila_derivative(x, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+def _cpila_lipschitz_bound(k: float, shift: float, scale: float, n: int = 2_000_001) -> float:
+    r"""Upper bound of :math:`\sup_x \sqrt{P'(x-s)^2 + P'(-x-s)^2}/c` by a dense grid plus the
+    grid-spacing error (the function's slope is at most :math:`\sqrt2 \sup|P''| / c`)."""
+    half_width = 60.0 / k + shift
+    x = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    value = torch.sqrt(pila_derivative(x - shift, k) ** 2 + pila_derivative(-x - shift, k) ** 2)
+    spacing = 2 * half_width / (n - 1)
+    slope = math.sqrt(2.0) * k * _PILA_SECOND_DERIVATIVE_SUP_OVER_K
+    # outside the grid one component is 1 and the other below 1e-20 in size
+    return (value.max().item() + slope * spacing / 2 + 1e-12) / scale
+
+
+class CPila(nn.Module):
+    r"""Concatenated Pila: :math:`[\mathrm{Pila}(x - 0.2), \mathrm{Pila}(-x - 0.2)] / 1.06` along
+    dim 1 (doubles the channels).
+
+    The unscaled pair has Lipschitz constant 1.05882 (at :math:`x = \pm 0.6`), so CPila's is
+    0.99889 < 1 for k = 5 (for another k the bound is computed at construction).
+
+    >>> CPila()(torch.zeros(4, 3)).shape
+    torch.Size([4, 6])
+    """
+
+    concatenates: bool = True
+    lipschitz_constant: float = 0.99889  # k = 5; checked by a dense grid in the tests
+    shift: float = 0.2
+    scale: float = 1.06
+
+    def __init__(self, k: float = 5.0) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+        if self.k != 5.0:
+            self.lipschitz_constant = _cpila_lipschitz_bound(self.k, self.shift, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_concat_input(x, "CPila")
+        positive = _PilaFunction.apply(x - self.shift, self.k)
+        negative = _PilaFunction.apply(-x - self.shift, self.k)
+        return torch.cat([positive, negative], dim=1) / self.scale
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`[\mathrm{Pila}'(x - 0.2), -\mathrm{Pila}'(-x - 0.2)] / 1.06` along dim 1."""
+        _check_concat_input(x, "CPila")
+        first = pila_derivative(x - self.shift, self.k)
+        second = -pila_derivative(-x - self.shift, self.k)
+        return torch.cat([first, second], dim=1) / self.scale
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+def _lipswish(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(beta * x) / 1.1
+
+
+def _lipswish_derivative(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(beta * x)
+    return (s + beta * x * s * (1 - s)) / 1.1
+
+
+class LipSwish(nn.Module):
+    r"""LipSwish: :math:`x\,\sigma(\beta x) / 1.1` with :math:`\beta = \mathrm{softplus}(b)` and
+    a learnable scalar :math:`b` (initialised to 0.5).
+
+    With :math:`t = \beta x` the derivative is :math:`(\sigma(t) + t\sigma(t)(1-\sigma(t)))/1.1`,
+    a function of :math:`t` alone, in [-0.0908, 0.99986] for every :math:`\beta > 0`.
+    """
+
+    concatenates: bool = False
+    lipschitz_constant: float = 0.99986
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(0.5))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return F.softplus(self.b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _lipswish(x, self.beta)
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise derivative (differentiable in x and in b)."""
+        return _lipswish_derivative(x, self.beta)
+
+
+class CLipSwish(nn.Module):
+    r"""Concatenated LipSwish: :math:`[f(x), f(-x)] / 1.004` along dim 1, with
+    :math:`f(x) = x\,\sigma(\beta x)/1.1` and ONE learnable :math:`b` shared by both halves
+    (:math:`\beta = \mathrm{softplus}(b)`, :math:`b` starts at 0.5). Lipschitz constant 0.99997.
+    """
+
+    concatenates: bool = True
+    lipschitz_constant: float = 0.99997
+    scale: float = 1.004
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(0.5))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return F.softplus(self.b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_concat_input(x, "CLipSwish")
+        beta = self.beta
+        return torch.cat([_lipswish(x, beta), _lipswish(-x, beta)], dim=1) / self.scale
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`[f'(x), -f'(-x)] / 1.004` along dim 1."""
+        _check_concat_input(x, "CLipSwish")
+        beta = self.beta
+        first = _lipswish_derivative(x, beta)
+        second = -_lipswish_derivative(-x, beta)
+        return torch.cat([first, second], dim=1) / self.scale
+
+
+class CReLU(nn.Module):
+    r"""Concatenated ReLU: :math:`[\mathrm{relu}(x), \mathrm{relu}(-x)]` along dim 1 (no
+    parameters, 1-Lipschitz: at most one half has a nonzero slope)."""
+
+    concatenates: bool = True
+    lipschitz_constant: float = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_concat_input(x, "CReLU")
+        return torch.cat([F.relu(x), F.relu(-x)], dim=1)
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`[1_{x>0}, -1_{x<0}]` along dim 1."""
+        _check_concat_input(x, "CReLU")
+        return torch.cat([(x > 0).to(x.dtype), -(x < 0).to(x.dtype)], dim=1)
+
+
+ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
+    "pila": Pila,
+    "cpila": CPila,
+    "lipswish": LipSwish,
+    "clipswish": CLipSwish,
+    "crelu": CReLU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module by name: one of ``pila``, ``cpila``, ``lipswish``,
+    ``clipswish``, ``crelu`` (case-insensitive).
+
+    >>> make_activation("cpila").concatenates
+    True
+    """
+    if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name.lower()]()

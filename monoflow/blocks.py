@@ -1,0 +1,294 @@
+r"""Invertible blocks with one interface.
+
+Every block maps ``y, logdet = block(x)`` with ``logdet`` :math:`=\log|\det \partial y/\partial x|`
+of shape (batch,), and ``x, logdet = block.inverse(y)`` with ``logdet``
+:math:`=\log|\det \partial x/\partial y|`. Blocks built with ``logdet=None`` (regression) return
+``None`` for it; ``with_logdet=False`` skips it for one call (sampling).
+
+* :class:`MonotoneBlock` (the paper's block): :math:`F(x) = \sqrt2\,w - x` with
+  :math:`w + g(w) = \sqrt2\,x`; inverse :math:`x = \sqrt2\,w - y` with :math:`w - g(w) = \sqrt2\,y`.
+  The graph of F is the graph of g turned by 45 degrees: :math:`w = (x+y)/\sqrt2`,
+  :math:`g(w) = (x-y)/\sqrt2`. :math:`\log|\det F'| = \log\det(I-J) - \log\det(I+J)` at w.
+* :class:`ResidualBlock` (i-ResNet / Residual Flow / i-DenseNet): :math:`y = x + g(x)`.
+* :class:`ImplicitBlock` (Lu et al., 2021): :math:`(\mathrm{Id}+g_2)^{-1}\circ(\mathrm{Id}+g_1)`.
+* :class:`ActNorm`: :math:`y = (x + b)\,e^{s}` per channel, initialised from the first batch.
+
+Solves and log-det estimators are shared (:mod:`monoflow.implicit`, :mod:`monoflow.logdet`); the
+blocks differ only in the equation solved and the log-det series.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from monoflow.implicit import solve_resolvent
+from monoflow.logdet import CAYLEY, RESIDUAL, LogDetEstimator, LogDetSeries, make_estimator
+from monoflow.solvers import SolverInfo, SolverOptions
+
+__all__ = [
+    "FlowBlock",
+    "MonotoneBlock",
+    "ResidualBlock",
+    "ImplicitBlock",
+    "ActNorm",
+    "solver_stats",
+    "check_lipschitz_constrained",
+]
+
+SQRT2 = math.sqrt(2.0)
+LogDetSpec = Union[None, str, LogDetEstimator]
+_UNCONSTRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear)
+
+
+def check_lipschitz_constrained(g: nn.Module) -> None:
+    """Raise ``ValueError`` where g is detectably not Lipschitz-constrained.
+
+    Detected: plain ``nn.Linear`` / ``nn.Conv*`` layers (no spectral normalisation) and a
+    ``lipschitz_bound()`` of 1 or more. A parameter-free contraction passes.
+    """
+    if not isinstance(g, nn.Module):
+        raise TypeError(f"g must be a torch.nn.Module, got {type(g).__name__}")
+    for name, module in g.named_modules():
+        if type(module) in _UNCONSTRAINED:
+            raise ValueError(
+                f"g contains an unconstrained {type(module).__name__} at {name or 'g'!r}: Lip(g) < 1 "
+                "cannot hold; build g from monoflow.lipschitz (SpectralNormLinear, "
+                "SpectralNormConv2d, dense_mlp, dense_convnet) or pass check_lipschitz=False if you "
+                "guarantee Lip(g) < 1 yourself"
+            )
+    bound_fn = getattr(g, "lipschitz_bound", None)
+    if callable(bound_fn):
+        try:
+            bound = float(bound_fn())
+        except RuntimeError:  # e.g. a convolution whose input size is not known yet
+            return
+        if not bound < 1.0:
+            raise ValueError(f"g has Lipschitz bound {bound:.4f} >= 1; the block would not be invertible")
+
+
+def _check_input(x: Tensor, what: str) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{what} must have shape (batch, features...), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contains non-finite values (nan or inf)")
+
+
+class FlowBlock(nn.Module):
+    """Base class: ``y, logdet = block(x)`` and ``x, logdet = block.inverse(y)``."""
+
+    def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+
+class _ImplicitBase(FlowBlock):
+    """Shared state of blocks that solve fixed points and estimate log-dets."""
+
+    def __init__(self, logdet: LogDetSpec, solver: Optional[SolverOptions], adjoint: Optional[SolverOptions]):
+        super().__init__()
+        self.logdet_estimator = make_estimator(logdet)
+        self.solver = solver
+        self.adjoint = adjoint
+        self.last_solves: Dict[str, SolverInfo] = {}
+
+    def _record(self, name: str, info: SolverInfo) -> None:
+        self.last_solves[name] = info
+
+    def _solve(self, g: nn.Module, b: Tensor, sign: float, name: str) -> Tensor:
+        return solve_resolvent(g, b, sign, self.solver, self.adjoint, record=self._record, name=name)
+
+    def _logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries, with_logdet: bool) -> Optional[Tensor]:
+        if self.logdet_estimator is None or not with_logdet:
+            return None
+        return self.logdet_estimator(g, w, series, self.training)
+
+    def extra_repr(self) -> str:
+        return f"logdet={self.logdet_estimator!r}"
+
+
+class MonotoneBlock(_ImplicitBase):
+    r"""The monotone (Cayley) block :math:`F = 2(\mathrm{Id}+g)^{-1} - \mathrm{Id}` in the scaled form
+    :math:`F(x) = \sqrt2\,(\mathrm{Id}+g)^{-1}(\sqrt2\,x) - x`.
+
+    F is m-strongly monotone with :math:`m = (1-L)/(1+L)` and :math:`\mathrm{Lip}(F) \le (1+L)/(1-L)`
+    for :math:`L = \mathrm{Lip}(g) < 1`; forward and inverse each cost one fixed-point solve.
+
+    Args:
+        g: network with Lip(g) < 1.
+        logdet: ``"exact"`` (default, small d), ``"power_series"``, ``"russian_roulette"``,
+            ``"neumann"``, an estimator from :mod:`monoflow.logdet`, or ``None`` (not computed).
+        solver, adjoint: :class:`~monoflow.solvers.SolverOptions` of the solves and the gradients.
+        check_lipschitz: reject g with detectably unconstrained layers.
+
+    Example:
+        >>> from monoflow.lipschitz import dense_mlp
+        >>> block = MonotoneBlock(dense_mlp(2, 2, 8, "cpila", coeff=0.9, lip_coeff=0.98))
+        >>> x = torch.randn(5, 2)
+        >>> y, logdet = block(x)
+        >>> x_back, inverse_logdet = block.inverse(y)
+        >>> torch.allclose(x, x_back, atol=1e-4), torch.allclose(logdet, -inverse_logdet, atol=1e-4)
+        (True, True)
+    """
+
+    def __init__(self, g: nn.Module, logdet: LogDetSpec = "exact", solver: Optional[SolverOptions] = None,
+                 adjoint: Optional[SolverOptions] = None, check_lipschitz: bool = True):
+        super().__init__(logdet, solver, adjoint)
+        if check_lipschitz:
+            check_lipschitz_constrained(g)
+        self.g = g
+
+    def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_input(x, "MonotoneBlock input")
+        w = self._solve(self.g, SQRT2 * x, 1.0, "forward")
+        return SQRT2 * w - x, self._logdet(self.g, w, CAYLEY, with_logdet)
+
+    def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_input(y, "MonotoneBlock.inverse input")
+        w = self._solve(self.g, SQRT2 * y, -1.0, "inverse")
+        return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet)
+
+
+class ResidualBlock(_ImplicitBase):
+    r"""Residual block :math:`y = x + g(x)`; inverse by the fixed point :math:`x = y - g(x)`.
+
+    :math:`\log\det(I + J) = \sum_k (-1)^{k+1}\mathrm{tr}(J^k)/k`. Same arguments as
+    :class:`MonotoneBlock`.
+    """
+
+    def __init__(self, g: nn.Module, logdet: LogDetSpec = "exact", solver: Optional[SolverOptions] = None,
+                 adjoint: Optional[SolverOptions] = None, check_lipschitz: bool = True):
+        super().__init__(logdet, solver, adjoint)
+        if check_lipschitz:
+            check_lipschitz_constrained(g)
+        self.g = g
+
+    def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_input(x, "ResidualBlock input")
+        return x + self.g(x), self._logdet(self.g, x, RESIDUAL, with_logdet)
+
+    def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_input(y, "ResidualBlock.inverse input")
+        x = self._solve(self.g, y, 1.0, "inverse")
+        return x, self._logdet(self.g, x, RESIDUAL.negated(), with_logdet)
+
+
+class ImplicitBlock(_ImplicitBase):
+    r"""Implicit block :math:`y = (\mathrm{Id}+g_2)^{-1}(x + g_1(x))`: a residual block followed by an
+    inverted residual block. :math:`\log|\det| = \log\det(I+J_1(x)) - \log\det(I+J_2(y))`."""
+
+    def __init__(self, g1: nn.Module, g2: nn.Module, logdet: LogDetSpec = "exact",
+                 solver: Optional[SolverOptions] = None, adjoint: Optional[SolverOptions] = None,
+                 check_lipschitz: bool = True):
+        super().__init__(logdet, solver, adjoint)
+        if check_lipschitz:
+            check_lipschitz_constrained(g1)
+            check_lipschitz_constrained(g2)
+        self.g1 = g1
+        self.g2 = g2
+
+    def _pair(self, a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+        return None if a is None else a + b
+
+    def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_input(x, "ImplicitBlock input")
+        y = self._solve(self.g2, x + self.g1(x), 1.0, "forward")
+        return y, self._pair(self._logdet(self.g1, x, RESIDUAL, with_logdet),
+                             self._logdet(self.g2, y, RESIDUAL.negated(), with_logdet))
+
+    def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_input(y, "ImplicitBlock.inverse input")
+        x = self._solve(self.g1, y + self.g2(y), 1.0, "inverse")
+        return x, self._pair(self._logdet(self.g1, x, RESIDUAL.negated(), with_logdet),
+                             self._logdet(self.g2, y, RESIDUAL, with_logdet))
+
+
+class ActNorm(FlowBlock):
+    r"""Per-channel affine map :math:`y = (x + b)\,e^{s}` along dim 1.
+
+    Initialised from the first batch it sees so that its output has zero mean and unit variance
+    per channel (with ``torch.distributed`` initialised, the statistics are averaged over all
+    ranks, so every rank starts from the same values). :math:`\log|\det| = \sum_c s_c` times the
+    number of positions per channel.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6):
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        self.num_features = num_features
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _shape(self, x: Tensor) -> Tuple[int, ...]:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"ActNorm({self.num_features}) expects input of shape (batch, {self.num_features}, ...), "
+                f"got {tuple(x.shape)}"
+            )
+        return (1, self.num_features) + (1,) * (x.dim() - 2)
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor(float(x.numel() // self.num_features), dtype=x.dtype, device=x.device)
+        moments = torch.stack([x.sum(dim=dims), (x * x).sum(dim=dims)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(moments)
+            dist.all_reduce(count)
+        mean = moments[0] / count
+        var = (moments[1] / count - mean * mean).clamp_min(0.0)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-0.5 * torch.log(var + self.eps))
+        self.initialized.fill_(True)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        positions = x[0, 0].numel()
+        return (self.log_scale.sum() * positions).expand(x.shape[0])
+
+    def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        shape = self._shape(x)
+        if not bool(self.initialized):
+            self._initialize(x)
+        y = (x + self.bias.view(shape)) * self.log_scale.view(shape).exp()
+        return y, self._logdet(x) if with_logdet else None
+
+    def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        shape = self._shape(y)
+        if not bool(self.initialized):
+            raise RuntimeError("ActNorm.inverse called before initialisation: run a forward pass on data first")
+        x = y * (-self.log_scale.view(shape)).exp() - self.bias.view(shape)
+        return x, -self._logdet(y) if with_logdet else None
+
+
+def solver_stats(model: nn.Module) -> Dict[str, float]:
+    """Aggregate the last solves of every block in ``model``.
+
+    Returns ``{kind}_iterations_mean``, ``{kind}_iterations_max``, ``{kind}_evaluations`` (mean over
+    blocks), ``{kind}_residual_max`` and ``{kind}_converged_fraction`` (min over blocks) for
+    kind in forward, inverse, adjoint, for the kinds that ran.
+    """
+    collected: Dict[str, list] = {}
+    for module in model.modules():
+        for kind, info in getattr(module, "last_solves", {}).items():
+            collected.setdefault(kind, []).append(info.summary())
+    stats: Dict[str, float] = {}
+    for kind, summaries in collected.items():
+        n = len(summaries)
+        stats[f"{kind}_iterations_mean"] = sum(s["iterations_mean"] for s in summaries) / n
+        stats[f"{kind}_iterations_max"] = max(s["iterations_max"] for s in summaries)
+        stats[f"{kind}_evaluations"] = sum(s["evaluations"] for s in summaries) / n
+        stats[f"{kind}_residual_max"] = max(s["residual_max"] for s in summaries)
+        stats[f"{kind}_converged_fraction"] = min(s["converged_fraction"] for s in summaries)
+    return stats
