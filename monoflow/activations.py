@@ -51,9 +51,9 @@ __all__ = [
     "make_activation",
 ]
 
-# Below t = k x = -60 Pila and its derivatives are smaller than 1e-20 and are set to exactly 0:
-# exp of very negative arguments and the denormal numbers it returns make every later operation
-# on the CPU up to 10x slower, and the cubic polynomials stay finite (no inf * 0 = nan).
+# t = k x is clamped at -60, where Pila and its derivatives are below 1e-20: exp of very negative
+# arguments and the denormal numbers it returns make every later operation on the CPU up to 10x
+# slower, and the cubic polynomials stay finite (no inf * 0 = nan).
 _T_MIN = -60.0
 
 # sup_t |t^3/2 + 2 t^2| e^t over t <= 0 (about 0.62886): bounds |Pila''| / k, used for grid margins.
@@ -73,8 +73,8 @@ def _negative_part_t(x: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def _times_exp(polynomial: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """polynomial * exp(t), exactly 0 where t reached the clamp."""
-    return torch.where(t > _T_MIN, polynomial * torch.exp(t), torch.zeros_like(t))
+    """polynomial * exp(t); at the clamp t = -60 the product is below 1e-20 and a normal float."""
+    return polynomial * torch.exp(t)
 
 
 def pila(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
@@ -126,7 +126,25 @@ class _PilaFunction(torch.autograd.Function):
     of ordinary differentiable ops, so double backward (gradients of gradients) works.
     """
 
-    generate_vmap_rule = True  # so torch.func transforms (vmap, jacrev) work through Pila
+    # Classic forward(ctx, ...) style: the setup_context style inspects the signature on every
+    # call, which costs more than Pila itself on small tensors.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.k = k
+        return pila(x, k)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_output * pila_derivative(x, ctx.k), None
+
+
+class _PilaFunctionTransformable(torch.autograd.Function):
+    """The same Function in the setup_context style that torch.func transforms (vmap, jacrev)
+    require; used only while such a transform is active."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, k: float) -> torch.Tensor:  # type: ignore[override]
@@ -134,14 +152,16 @@ class _PilaFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, k = inputs
-        ctx.save_for_backward(x)
-        ctx.k = k
+        ctx.save_for_backward(inputs[0])
+        ctx.k = inputs[1]
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad_output * pila_derivative(x, ctx.k), None
+    backward = _PilaFunction.backward
+
+
+def _apply_pila(x: torch.Tensor, k: float) -> torch.Tensor:
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+    function = _PilaFunctionTransformable if transforms_active else _PilaFunction
+    return function.apply(x, k)
 
 
 def _check_concat_input(x: torch.Tensor, name: str) -> None:
@@ -170,7 +190,7 @@ class Pila(nn.Module):
         self.k = _check_k(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _PilaFunction.apply(x, self.k)
+        return _apply_pila(x, self.k)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise derivative Pila'(x)."""
@@ -216,16 +236,14 @@ class CPila(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_concat_input(x, "CPila")
-        positive = _PilaFunction.apply(x - self.shift, self.k)
-        negative = _PilaFunction.apply(-x - self.shift, self.k)
-        return torch.cat([positive, negative], dim=1) / self.scale
+        # one Pila call on both halves: half the kernel launches of two calls
+        return _apply_pila(torch.cat([x, -x], dim=1) - self.shift, self.k) / self.scale
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`[\mathrm{Pila}'(x - 0.2), -\mathrm{Pila}'(-x - 0.2)] / 1.06` along dim 1."""
         _check_concat_input(x, "CPila")
-        first = pila_derivative(x - self.shift, self.k)
-        second = -pila_derivative(-x - self.shift, self.k)
-        return torch.cat([first, second], dim=1) / self.scale
+        first, second = pila_derivative(torch.cat([x, -x], dim=1) - self.shift, self.k).chunk(2, dim=1)
+        return torch.cat([first, -second], dim=1) / self.scale
 
     def extra_repr(self) -> str:
         return f"k={self.k}"

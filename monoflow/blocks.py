@@ -104,13 +104,15 @@ class _ImplicitBase(FlowBlock):
     def _record(self, name: str, info: SolverInfo) -> None:
         self.last_solves[name] = info
 
-    def _solve(self, g: nn.Module, b: Tensor, sign: float, name: str) -> Tensor:
-        return solve_resolvent(g, b, sign, self.solver, self.adjoint, record=self._record, name=name)
+    def _solve(self, g: nn.Module, b: Tensor, sign: float, name: str, cache: Optional[dict] = None) -> Tensor:
+        return solve_resolvent(g, b, sign, self.solver, self.adjoint, record=self._record, name=name,
+                               jacobian_cache=cache)
 
-    def _logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries, with_logdet: bool) -> Optional[Tensor]:
+    def _logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries, with_logdet: bool,
+                cache: Optional[dict] = None) -> Optional[Tensor]:
         if self.logdet_estimator is None or not with_logdet:
             return None
-        return self.logdet_estimator(g, w, series, self.training)
+        return self.logdet_estimator(g, w, series, self.training, cache)
 
     def extra_repr(self) -> str:
         return f"logdet={self.logdet_estimator!r}"
@@ -149,13 +151,15 @@ class MonotoneBlock(_ImplicitBase):
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "MonotoneBlock input")
-        w = self._solve(self.g, SQRT2 * x, 1.0, "forward")
-        return SQRT2 * w - x, self._logdet(self.g, w, CAYLEY, with_logdet)
+        cache: dict = {}  # the exact log-det's Jacobian at w, reused by a direct adjoint
+        w = self._solve(self.g, SQRT2 * x, 1.0, "forward", cache)
+        return SQRT2 * w - x, self._logdet(self.g, w, CAYLEY, with_logdet, cache)
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "MonotoneBlock.inverse input")
-        w = self._solve(self.g, SQRT2 * y, -1.0, "inverse")
-        return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet)
+        cache: dict = {}
+        w = self._solve(self.g, SQRT2 * y, -1.0, "inverse", cache)
+        return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet, cache)
 
 
 class ResidualBlock(_ImplicitBase):
@@ -178,8 +182,9 @@ class ResidualBlock(_ImplicitBase):
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ResidualBlock.inverse input")
-        x = self._solve(self.g, y, 1.0, "inverse")
-        return x, self._logdet(self.g, x, RESIDUAL.negated(), with_logdet)
+        cache: dict = {}
+        x = self._solve(self.g, y, 1.0, "inverse", cache)
+        return x, self._logdet(self.g, x, RESIDUAL.negated(), with_logdet, cache)
 
 
 class ImplicitBlock(_ImplicitBase):
@@ -201,14 +206,16 @@ class ImplicitBlock(_ImplicitBase):
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ImplicitBlock input")
-        y = self._solve(self.g2, x + self.g1(x), 1.0, "forward")
+        cache: dict = {}
+        y = self._solve(self.g2, x + self.g1(x), 1.0, "forward", cache)
         return y, self._pair(self._logdet(self.g1, x, RESIDUAL, with_logdet),
-                             self._logdet(self.g2, y, RESIDUAL.negated(), with_logdet))
+                             self._logdet(self.g2, y, RESIDUAL.negated(), with_logdet, cache))
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ImplicitBlock.inverse input")
-        x = self._solve(self.g1, y + self.g2(y), 1.0, "inverse")
-        return x, self._pair(self._logdet(self.g1, x, RESIDUAL.negated(), with_logdet),
+        cache: dict = {}
+        x = self._solve(self.g1, y + self.g2(y), 1.0, "inverse", cache)
+        return x, self._pair(self._logdet(self.g1, x, RESIDUAL.negated(), with_logdet, cache),
                              self._logdet(self.g2, y, RESIDUAL, with_logdet))
 
 

@@ -20,7 +20,7 @@ blocks) goes through this one function.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,32 @@ DEFAULT_FORWARD = SolverOptions()
 DEFAULT_ADJOINT = SolverOptions(atol=0.0)
 
 StatsSink = Optional[Callable[[str, SolverInfo], None]]
+
+
+def _direct_adjoint(g: nn.Module, z_star: Tensor, v: Tensor, sign: float,
+                    jacobian_cache: Optional[dict]) -> Tuple[Tensor, SolverInfo]:
+    """u = (I + s J^T)^-1 v with the dense per-sample Jacobian J = g.jacobian(z*) (taken from
+    ``jacobian_cache["jacobian"]`` when the exact log-det already computed it at the solution)."""
+    if z_star.dim() != 2 or not hasattr(g, "jacobian"):
+        raise ValueError(
+            "adjoint method 'direct' needs flat inputs (batch, d) and a g with a jacobian(w) method; "
+            f"got input shape {tuple(z_star.shape)} and {type(g).__name__}"
+        )
+    with torch.no_grad():
+        J = (jacobian_cache or {}).get("jacobian")
+        if J is None:
+            _, J = g.jacobian(z_star)
+        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+        u = torch.linalg.solve(eye + sign * J.transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
+        residual = (u + sign * (J.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1) - v).norm(dim=1)
+    batch = v.shape[0]
+    info = SolverInfo(
+        iterations=torch.ones(batch, dtype=torch.long, device=v.device),
+        residual=residual,
+        converged=torch.isfinite(residual),
+        evaluations=1,
+    )
+    return u, info
 
 
 def _needs_graph(b: Tensor, g: nn.Module) -> bool:
@@ -52,6 +78,7 @@ def solve_resolvent(
     z0: Optional[Tensor] = None,
     record: StatsSink = None,
     name: str = "forward",
+    jacobian_cache: Optional[dict] = None,
 ) -> Tensor:
     r"""Solve :math:`z + s\,g(z) = b` with implicit-function gradients.
 
@@ -64,6 +91,8 @@ def solve_resolvent(
         record: called as ``record(name, info)`` after the solve and
             ``record("adjoint", info)`` after each adjoint solve.
         name: the label passed to ``record`` for the solve.
+        jacobian_cache: a dict in which a log-det estimator may leave the (detached) Jacobian at
+            the solution under ``"jacobian"``; the ``"direct"`` adjoint then reuses it.
 
     Returns:
         z, differentiable with respect to ``b`` and the parameters of g.
@@ -87,7 +116,7 @@ def solve_resolvent(
 
     # One evaluation of g at the solution carries the graph to b and the parameters; its
     # dependence on z_leaf serves the vector-Jacobian products of the adjoint solve.
-    z_leaf = z_star.detach().requires_grad_(True)
+    z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct")
     g_star = g(z_leaf)
     z = b - sign * g_star
 
@@ -106,8 +135,11 @@ def solve_resolvent(
             out = v - sign * vjp
             return out if index is None else out[index]
 
-        scale = v.reshape(batch, -1).norm(dim=1)
-        u, adjoint_info = fixed_point_solve(adjoint_step, v, adjoint, scale=scale)
+        if adjoint.method == "direct":
+            u, adjoint_info = _direct_adjoint(g, z_star, v, sign, jacobian_cache)
+        else:
+            scale = v.reshape(batch, -1).norm(dim=1)
+            u, adjoint_info = fixed_point_solve(adjoint_step, v, adjoint, scale=scale)
         if record is not None:
             record("adjoint", adjoint_info)
         return u

@@ -80,6 +80,11 @@ def _pair(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def _version_key(*tensors: torch.Tensor) -> Tuple[Tuple[int, int, int], ...]:
+    """Identifies the current contents of tensors: in-place updates bump ``_version``."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
 class SpectralNormLayer(nn.Module):
     r"""Shared machinery of spectrally normalised layers: power iteration on a linear operator
     :math:`A` (given by :meth:`_operator` and its adjoint :meth:`_adjoint`) with persistent
@@ -112,10 +117,21 @@ class SpectralNormLayer(nn.Module):
             return float(self._sigma(self.weight))
 
     def normalized_weight(self) -> torch.Tensor:
-        r""":math:`W / \max(1, \sigma / c)`; differentiable in :math:`W` (u, v constant)."""
+        r""":math:`W / \max(1, \sigma / c)`; differentiable in :math:`W` (u, v constant).
+
+        Without autograd (inside fixed-point solves) the result is cached until ``weight``,
+        ``u`` or ``v`` change (tracked by their version counters)."""
         self._require_state()
-        sigma = self._sigma(self.weight)
-        return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+        if torch.is_grad_enabled():
+            sigma = self._sigma(self.weight)
+            return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+        key = _version_key(self.weight, self.u, self.v)
+        cache = self.__dict__.get("_normalized_cache")
+        if cache is None or cache[0] != key:
+            sigma = self._sigma(self.weight)
+            cache = (key, self.weight / torch.clamp(sigma / self.coeff, min=1.0))
+            self.__dict__["_normalized_cache"] = cache
+        return cache[1]
 
     def _require_state(self) -> None:
         if not self.has_power_iteration_state():
@@ -450,6 +466,16 @@ class LipschitzDenseLayer(nn.Module):
         if not self.learnable_concat:
             # softplus(1) + 0.1 for both, rescaled: each is lip_coeff / sqrt(2)
             return self.lip_coeff / math.sqrt(2.0), self.lip_coeff / math.sqrt(2.0)
+        if not torch.is_grad_enabled():
+            key = _version_key(self.K1, self.K2)
+            cache = self.__dict__.get("_eta_cache")
+            if cache is None or cache[0] != key:
+                cache = (key, self._learned_etas())
+                self.__dict__["_eta_cache"] = cache
+            return cache[1]
+        return self._learned_etas()
+
+    def _learned_etas(self) -> Tuple[torch.Tensor, torch.Tensor]:
         eta1 = F.softplus(self.K1) + 0.1
         eta2 = F.softplus(self.K2) + 0.1
         scale = self.lip_coeff / torch.sqrt(eta1 ** 2 + eta2 ** 2)

@@ -116,12 +116,16 @@ def jacobian(g: nn.Module, w: Tensor, create_graph: bool) -> Tensor:
 
 
 class LogDetEstimator:
-    """Base class: ``estimator(g, w, series, training) -> log-det of shape (batch,)``."""
+    """Base class: ``estimator(g, w, series, training, cache=None) -> log-det of shape (batch,)``.
+
+    ``cache`` (a dict shared with the solve at the same point) may receive the detached Jacobian
+    under ``"jacobian"`` so that a direct adjoint solve can reuse it."""
 
     #: whether the estimator needs only a (batch, d) input with small d
     flat_only: bool = False
 
-    def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool) -> Tensor:
+    def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool,
+                 cache: Optional[dict] = None) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -137,7 +141,8 @@ class ExactLogDet(LogDetEstimator):
     def __init__(self, max_dim: int = 64):
         self.max_dim = max_dim
 
-    def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool) -> Tensor:
+    def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool,
+                 cache: Optional[dict] = None) -> Tensor:
         if w.dim() != 2:
             raise ValueError(
                 f"logdet='exact' needs inputs of shape (batch, d), got {tuple(w.shape)}; "
@@ -148,8 +153,10 @@ class ExactLogDet(LogDetEstimator):
                 f"logdet='exact' builds the full {w.shape[1]}x{w.shape[1]} Jacobian; allowed up to "
                 f"d={self.max_dim} (pass ExactLogDet(max_dim=...) to raise the limit)"
             )
-        create_graph = torch.is_grad_enabled()
-        return series.exact(jacobian(g, w, create_graph=create_graph))
+        J = jacobian(g, w, create_graph=torch.is_grad_enabled())
+        if cache is not None:
+            cache["jacobian"] = J.detach()
+        return series.exact(J)
 
 
 def _probe(w: Tensor, kind: str, generator: Optional[torch.Generator]) -> Tensor:
@@ -233,7 +240,8 @@ class _SeriesEstimator(LogDetEstimator):
         surrogate = _sample_dot(a_J, v)
         return value.detach() + surrogate - surrogate.detach()
 
-    def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool) -> Tensor:
+    def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool,
+                 cache: Optional[dict] = None) -> Tensor:
         n, weights = self.draw_terms(training)
         differentiable = torch.is_grad_enabled() and (w.requires_grad or any(p.requires_grad for p in g.parameters()))
         detach_point = self.memory_efficient or not w.requires_grad

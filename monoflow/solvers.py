@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 FAILURE_POLICIES = ("warn", "raise", "nan")
-METHODS = ("anderson", "picard")
+METHODS = ("anderson", "picard", "direct")
 
 
 class SolverError(RuntimeError):
@@ -64,7 +64,9 @@ class SolverOptions:
     """Settings of one fixed-point solve.
 
     Args:
-        method: ``"anderson"`` (accelerated, default) or ``"picard"`` (plain iteration).
+        method: ``"anderson"`` (accelerated, default), ``"picard"`` (plain iteration) or, for
+            adjoint solves of flat inputs whose g provides ``jacobian(w)``, ``"direct"``: a dense
+            per-sample linear solve with the Jacobian (one Jacobian pass, no iterations).
         atol: per-element absolute tolerance; ``None`` picks one the dtype can reach.
         rtol: tolerance relative to the norm of the solution; ``None`` picks one by dtype.
         max_iterations: cap on iterations (evaluations of f) per solve.
@@ -172,6 +174,8 @@ def fixed_point_solve(
         ``(z, info)``: the last evaluated iterate :math:`f(z)` of each sample and its diagnostics.
     """
     options = options or SolverOptions()
+    if options.method == "direct":
+        raise ValueError("method='direct' needs a dense Jacobian: it is only for adjoint solves")
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"fixed_point_solve needs a batch of at least one sample, got shape {tuple(z0.shape)}")
     atol, rtol = default_tolerances(z0.dtype)

@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# The tests use small tensors: one intra-op thread is faster for them, and OpenMP threads on a
+# loaded 2-core machine can slow small kernels down a hundredfold.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

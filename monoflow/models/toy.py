@@ -39,6 +39,11 @@ def lipswish_mlp(dim: int, hidden: Sequence[int], coeff: float = 0.9) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def _small_dim_adjoint(has_jacobian: bool) -> Optional[SolverOptions]:
+    """In a few dimensions the adjoint is one dense solve with the Jacobian (DenseNet g has it)."""
+    return SolverOptions(method="direct") if has_jacobian else None
+
+
 def _check_choice(kind: str, valid: Sequence[str], what: str) -> None:
     if kind not in valid:
         raise ValueError(f"unknown {what} {kind!r}; expected one of {', '.join(valid)}")
@@ -67,12 +72,14 @@ def toy_flow(
         dim, nblocks, depth, growth, coeff, lip_coeff: architecture (defaults: the paper's).
         logdet: log-det estimator of every block (the paper uses the exact one in 2-D).
         actnorm: add an ActNorm after every block (the paper's toy runs have none).
-        solver, adjoint: fixed-point solver settings.
+        solver, adjoint: fixed-point solver settings (default adjoint: ``"direct"``, a dense
+            2x2 solve per sample, for the DenseNet kinds).
 
     >>> sum(p.numel() for p in toy_flow("monotone").parameters())
     5640
     """
     _check_choice(kind, TOY_KINDS, "toy flow kind")
+    adjoint = adjoint or _small_dim_adjoint(kind != "resflow")
     blocks: List[nn.Module] = []
     for _ in range(nblocks):
         if kind == "monotone":
@@ -105,6 +112,7 @@ def regression_flow(
     monotone blocks with ActNorms.
     """
     _check_choice(kind, REGRESSION_KINDS, "regression flow kind")
+    adjoint = adjoint or _small_dim_adjoint(True)
 
     def g() -> nn.Module:
         return dense_mlp(1, depth, growth, "crelu", coeff, lip_coeff)
