@@ -1,0 +1,74 @@
+"""Where and with what a result was made: package and torch versions, git commit, device, time.
+
+Every results file and benchmark report carries :func:`provenance` so a number can be traced to
+the code and machine that produced it.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+__all__ = ["provenance", "git_commit", "device_description"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        completed = subprocess.run(["git", *args], cwd=_PACKAGE_DIR, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """The commit of the checkout the package runs from, with ``+dirty`` when files are modified
+    (``"unknown"`` outside a git checkout)."""
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("+dirty" if status else "")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_description(device: Union[str, torch.device] = "cpu") -> str:
+    """``"cuda:0 (NVIDIA H200)"`` or ``"cpu (<model>, N threads)"``."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({_cpu_name()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[str, Any]:
+    """Versions, commit, device, time and command line, plus any ``extra`` fields."""
+    from monoflow import __version__
+
+    record: Dict[str, Any] = {
+        "monoflow_version": __version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device_description(device),
+        "torch_threads": torch.get_num_threads(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    record.update(extra)
+    return record
