@@ -1,2 +1,34 @@
-"""monoflow: Monotone Flows (Ahn et al., NeurIPS 2022) in PyTorch."""
+"""monoflow: Monotone Flows (Ahn et al., NeurIPS 2022) in PyTorch.
+
+The math core: :mod:`monoflow.activations`, :mod:`monoflow.lipschitz`, :mod:`monoflow.solvers`,
+:mod:`monoflow.implicit`, :mod:`monoflow.logdet`, :mod:`monoflow.blocks`, :mod:`monoflow.flows`;
+model builders in :mod:`monoflow.models`.
+"""
 __version__ = "0.1.0"
+
+from monoflow.blocks import ActNorm, ImplicitBlock, MonotoneBlock, ResidualBlock, solver_stats
+from monoflow.flows import Flow, StandardNormal
+from monoflow.lipschitz import certify_lipschitz, dense_convnet, dense_mlp, set_learnable_concat, update_lipschitz
+from monoflow.logdet import ExactLogDet, PowerSeriesLogDet, RussianRouletteLogDet
+from monoflow.solvers import SolverError, SolverOptions
+
+__all__ = [
+    "__version__",
+    "MonotoneBlock",
+    "ResidualBlock",
+    "ImplicitBlock",
+    "ActNorm",
+    "Flow",
+    "StandardNormal",
+    "dense_mlp",
+    "dense_convnet",
+    "update_lipschitz",
+    "certify_lipschitz",
+    "set_learnable_concat",
+    "ExactLogDet",
+    "PowerSeriesLogDet",
+    "RussianRouletteLogDet",
+    "SolverOptions",
+    "SolverError",
+    "solver_stats",
+]

@@ -192,6 +192,7 @@ def fixed_point_solve(
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     active = torch.arange(batch, device=device)
     m = options.history if options.method == "anderson" else 1
+    # histories of the active samples only, compacted whenever samples converge
     X = torch.zeros(batch, m, n, dtype=z0.dtype, device=device)
     F = torch.zeros_like(X)
 
@@ -201,28 +202,34 @@ def fixed_point_solve(
         index = None if active.numel() == batch else active
         fx = f(x.reshape((active.numel(),) + sample_shape), index).detach().reshape(active.numel(), n)
         evaluations += 1
-        iterations[active] += 1
         res = (fx - x).norm(dim=1)
         reference = fx.norm(dim=1) if scale is None else scale[active]
         done = res <= atol * math.sqrt(n) + rtol * reference
-        solution[active] = fx.reshape((active.numel(),) + sample_shape)
-        residual[active] = res
-        converged[active] = done
+        if index is None:
+            iterations += 1
+            solution = fx.reshape(solution.shape)
+            residual, converged = res, done
+        else:
+            iterations[active] += 1
+            solution[active] = fx.reshape((active.numel(),) + sample_shape)
+            residual[active] = res
+            converged[active] = done
         if bool(done.all()):
             break
-        keep = ~done
-        active = active[keep]
-        x, fx = x[keep], fx[keep]
+        if bool(done.any()):
+            keep = ~done
+            active, x, fx, X, F = active[keep], x[keep], fx[keep], X[keep], F[keep]
+            if index is None:  # from here on the outputs are written by index
+                solution, residual, converged = solution.clone(), residual.clone(), converged.clone()
         slot = k % m
-        X[active, slot] = x
-        F[active, slot] = fx
+        X[:, slot] = x
+        F[:, slot] = fx
         count = min(k + 1, m)
         if options.method == "picard" or count < 2:
             x = fx
         else:
-            Xa, Fa = X[active], F[active]
             # ring buffer: the order of the stored iterates does not matter to the least squares
-            x = _anderson_step(Xa, Fa, count, options.regularization)
+            x = _anderson_step(X, F, count, options.regularization)
             bad = ~torch.isfinite(x).all(dim=1)
             if bool(bad.any()):
                 x[bad] = fx[bad]
