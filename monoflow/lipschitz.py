@@ -237,10 +237,11 @@ class SpectralNormLinear(SpectralNormLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
 
-    def forward_with_jacobian(self, x: torch.Tensor, jac: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`(\bar W x + b,\ \bar W J)` for ``x`` (B, in) and ``jac`` (B, in, d)."""
+    def forward_with_jacobian(self, x: torch.Tensor, jac_t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(\bar W x + b,\ (\bar W J)^\top)` for ``x`` (B, in) and the *transposed*
+        Jacobian ``jac_t`` (B, d, in): one matrix product for the whole batch."""
         weight = self.normalized_weight()
-        return F.linear(x, weight, self.bias), torch.matmul(weight, jac)
+        return F.linear(x, weight, self.bias), F.linear(jac_t, weight)
 
     def lipschitz_bound(self) -> float:
         """Exact spectral norm of the normalised weight (float64 singular values)."""
@@ -496,16 +497,17 @@ class LipschitzDenseLayer(nn.Module):
     def forward_with_jacobian(self, x: torch.Tensor, jac: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""Output and its Jacobian for flat inputs: with :math:`h = \bar W x + b`,
         :math:`\partial\,\mathrm{out} = [\eta_1 J,\ \eta_2\, a'(h) \odot (\bar W J)]` (for a
-        concatenating activation, :math:`\bar W J` is repeated for both halves)."""
+        concatenating activation, :math:`\bar W J` is repeated for both halves). ``jac`` is the
+        transposed Jacobian, shape (B, d, channels)."""
         if not hasattr(self.linear, "forward_with_jacobian"):
             raise ValueError(f"{type(self.linear).__name__} does not support Jacobian propagation")
         eta1, eta2 = self.etas()
         pre, pre_jac = self.linear.forward_with_jacobian(x, jac)
         if self.activation.concatenates:
-            pre_jac = torch.cat([pre_jac, pre_jac], dim=1)
-        act_jac = self.activation.derivative(pre).unsqueeze(-1) * pre_jac
+            pre_jac = torch.cat([pre_jac, pre_jac], dim=2)
+        act_jac = self.activation.derivative(pre).unsqueeze(1) * pre_jac
         out = torch.cat([eta1 * x, eta2 * self.activation(pre)], dim=1)
-        return out, torch.cat([eta1 * jac, eta2 * act_jac], dim=1)
+        return out, torch.cat([eta1 * jac, eta2 * act_jac], dim=2)
 
     def _bound(self, linear_norm: float) -> float:
         with torch.no_grad():
@@ -553,11 +555,12 @@ class DenseNet(nn.Module):
                     "forward_with_jacobian"
                 )
         batch, dim = w.shape
+        # propagated transposed, (B, d, channels), so each linear map is one batched GEMM
         jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)
         x = w
         for layer in self.layers:
             x, jac = layer.forward_with_jacobian(x, jac)
-        return x, jac
+        return x, jac.transpose(1, 2)
 
     def lipschitz_bound(self) -> float:
         """Certified upper bound of Lip(g): product of the layers' rigorous bounds."""
