@@ -1,0 +1,117 @@
+"""Run records (``run.json``) with provenance, and the Table 2 view of a results folder.
+
+Layout (docs/DESIGN.md): ``results/images/<preset>/<model>/seed<k>/run.json`` and
+``samples.png`` beside it; checkpoints (``*.pt``) live there too and are never committed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+__all__ = ["provenance", "write_json", "read_runs", "image_table", "run_directory"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def run_directory(results_dir: PathLike, preset: str, model: str, seed: int) -> Path:
+    return Path(results_dir) / preset / model / f"seed{seed}"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
+    """Where and with what a run was made: code version, libraries, machine, command, precision."""
+    from monoflow import __version__
+
+    info: Dict[str, Any] = {
+        "monoflow_version": __version__,
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "command": " ".join(sys.argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": str(device),
+        "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def write_json(data: Dict[str, Any], path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_runs(results_dir: PathLike) -> List[Dict[str, Any]]:
+    """Every image ``run.json`` below ``results_dir`` (with its folder under ``_dir``)."""
+    runs = []
+    for path in sorted(Path(results_dir).rglob("run.json")):
+        data = json.loads(path.read_text())
+        if data.get("kind") == "images":
+            data["_dir"] = str(path.parent)
+            runs.append(data)
+    return runs
+
+
+def image_table(results_dir: PathLike = "results/images"):
+    """One row per image run: our numbers next to the paper's (a pandas DataFrame).
+
+    Columns: preset, model, data, scale, bpd_test, bpd_std, accuracy, params, paper_bpd,
+    paper_params, iterations, wall_time_s, device, samples (path of the sample grid or None).
+    """
+    import pandas as pd
+
+    columns = ["preset", "model", "data", "scale", "bpd_test", "bpd_std", "accuracy", "params", "paper_bpd",
+               "paper_params", "iterations", "wall_time_s", "device", "samples"]
+    rows = []
+    for run in read_runs(results_dir):
+        metrics = run.get("metrics", {})
+        samples = run.get("samples")
+        rows.append({
+            "preset": run["preset"],
+            "model": run["model"],
+            "data": run["dataset"],
+            "scale": run.get("scale"),
+            "bpd_test": metrics.get("bpd_test"),
+            "bpd_std": metrics.get("bpd_std"),
+            "accuracy": metrics.get("accuracy"),
+            "params": run.get("params"),
+            "paper_bpd": run.get("paper_bpd"),
+            "paper_params": run.get("paper_params"),
+            "iterations": run.get("iterations"),
+            "wall_time_s": run.get("wall_time_s"),
+            "device": run.get("provenance", {}).get("device"),
+            "samples": str(Path(run["_dir"]) / samples) if samples else None,
+        })
+    return pd.DataFrame(rows, columns=columns)
