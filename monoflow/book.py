@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as _datetime
 import html.parser
-import os
 import platform
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from monoflow.provenance import device_description, git_commit
 
 __all__ = [
     "NotebookSpec",
@@ -419,17 +420,6 @@ def build_book(
     return html_dir
 
 
-def _git_commit(root: Path) -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit[:12] + (" (with uncommitted changes)" if dirty else "")
-
-
 def html_table(
     frame: "Any",
     formats: Optional[Mapping[Any, Any]] = None,
@@ -500,11 +490,8 @@ def provenance(parameters: Mapping[str, Any], device: Optional[str] = None) -> "
         elif device is None:
             device = "cpu"
     if str(device) == "cpu":
-        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        commit = _git_commit(repository_root())
-    except FileNotFoundError:
-        commit = "unknown (installed without its repository)"
+        device = device_description("cpu")
+    commit = git_commit()
     rows = [
         ("monoflow version", monoflow.__version__),
         ("git commit", commit),

@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from monoflow.provenance import provenance
+
 __all__ = ["measure_training", "compare_models", "main"]
 
 
@@ -180,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     report = {"preset": args.preset, "model_overrides": {k: repr(v) for k, v in overrides.items()},
               "results": results, "total_seconds": time.time() - start,
-              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "provenance": provenance(args.device or "cpu")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     for r in results:

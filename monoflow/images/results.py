@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
+
+from monoflow.provenance import provenance as base_provenance
 
 __all__ = ["provenance", "write_json", "read_runs", "image_table", "run_directory"]
 
@@ -26,38 +24,16 @@ def run_directory(results_dir: PathLike, preset: str, model: str, seed: int) -> 
     return Path(results_dir) / preset / model / f"seed{seed}"
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def provenance(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
-    """Where and with what a run was made: code version, libraries, machine, command, precision."""
-    from monoflow import __version__
-
-    info: Dict[str, Any] = {
-        "monoflow_version": __version__,
-        "git_commit": _git_commit(),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "command": " ".join(sys.argv),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": str(device),
-        "world_size": world_size,
-        "cpu_threads": torch.get_num_threads(),
-        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
-    }
+    """Where and with what a run was made (:func:`monoflow.provenance.provenance`), plus the
+    process count and the precision policy of the solves."""
+    info = base_provenance(
+        device,
+        hostname=socket.gethostname(),
+        world_size=world_size,
+        tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+        tf32_cudnn=bool(torch.backends.cudnn.allow_tf32),
+    )
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_version"] = torch.version.cuda
