@@ -1,0 +1,156 @@
+"""Per-iteration time of the paper's small experiments, with its breakdown.
+
+Measures training iterations exactly as ``monoflow.experiments.train.training_step`` runs them
+(batch, forward solves + log-det, backward with adjoint solves, Adam + power iterations) at the
+paper's settings:
+
+* 2-D toy (Table 1): batch 500, 10 blocks, DenseNet depth 3 growth 16, exact log-det, for
+  ``monotone``, ``idensenet`` and ``resflow``; target < 24 ms/iteration (50,000 iterations in
+  under 20 minutes on 2 cores);
+* 1-D regression (Figure 4): batch 5000, depth 4 growth 128, the four models; target
+  < 120 ms/iteration (15,000 iterations in under 30 minutes).
+
+Usage::
+
+    python benchmarks/toy_speed.py                      # all models, writes benchmarks/results/toy_speed.json
+    python benchmarks/toy_speed.py --iterations 50 --threads 1 2
+    python benchmarks/toy_speed.py --profile            # cProfile of each model, top functions in the JSON
+
+The numbers depend on the machine and its load: the JSON records threads, torch version, CPU
+count and the load average at the start, and beside the wall time per iteration the process's
+CPU time per iteration (with one thread, close to the wall time on an idle core).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from tqdm.auto import tqdm
+
+from monoflow.experiments.config import REGRESSION_MODELS, TOY_MODELS, regression_config, toy_config
+from monoflow.experiments.regression1d import RegressionExperiment
+from monoflow.experiments.results import summarize_solver
+from monoflow.experiments.toy2d import ToyExperiment
+from monoflow.experiments.train import TIMED_PHASES, training_step
+from monoflow.provenance import provenance
+
+TOY_TARGET_S = 20 * 60 / 50000
+REGRESSION_TARGET_S = 30 * 60 / 15000
+
+
+def _profile_summary(profile: cProfile.Profile, top: int = 15) -> List[Dict[str, Any]]:
+    stream = io.StringIO()
+    stats = pstats.Stats(profile, stream=stream)
+    rows = []
+    for (filename, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(filename).name}:{line}({name})", "calls": calls,
+                     "tottime_s": tottime, "cumtime_s": cumtime})
+    rows.sort(key=lambda row: row["tottime_s"], reverse=True)
+    return rows[:top]
+
+
+def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dict[str, Any]:
+    """Time ``iterations`` training steps of ``experiment`` after ``warmup`` untimed ones."""
+    from monoflow.blocks import solver_stats
+    from monoflow.lipschitz import set_learnable_concat
+
+    config = experiment.config
+    torch.manual_seed(config.seed)
+    model = experiment.build_model()
+    set_learnable_concat(model, True)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    scratch = {phase: 0.0 for phase in TIMED_PHASES}
+    for step in range(warmup):
+        training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, scratch)
+    timers = {phase: 0.0 for phase in TIMED_PHASES}
+    profiler = cProfile.Profile() if profile else None
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if profiler:
+        profiler.enable()
+    for step in range(warmup, warmup + iterations):
+        training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, timers)
+    if profiler:
+        profiler.disable()
+    total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
+    result = {
+        "model": config.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch_size": config.batch_size,
+        "iterations_timed": iterations,
+        "per_iteration_s": total / iterations,
+        # CPU seconds of this process (all its threads): on a busy machine the fairer number;
+        # with one thread it approximates the wall time on an idle core.
+        "cpu_per_iteration_s": cpu_total / iterations,
+        "breakdown_s": {phase: timers[phase] / iterations for phase in TIMED_PHASES},
+        "solver_last_step": summarize_solver(solver_stats(model), kinds=("forward", "adjoint")),
+    }
+    if profiler:
+        result["profile_top_tottime"] = _profile_summary(profiler)
+    return result
+
+
+def main(argv: Any = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=30, help="timed iterations per model (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="torch thread counts to measure (default: torch's current)")
+    parser.add_argument("--toy-models", nargs="*", choices=TOY_MODELS, default=list(TOY_MODELS))
+    parser.add_argument("--regression-models", nargs="*", choices=REGRESSION_MODELS, default=list(REGRESSION_MODELS))
+    parser.add_argument("--regression-iterations", type=int, default=None,
+                        help="timed iterations of the 1-D models (default: --iterations)")
+    parser.add_argument("--profile", action="store_true", help="add a cProfile summary per model")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "toy_speed.json")
+    args = parser.parse_args(argv)
+
+    report: Dict[str, Any] = {
+        "provenance": provenance("cpu"),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "machine": platform.processor() or platform.machine(),
+        "targets_s_per_iteration": {"toy2d": TOY_TARGET_S, "regression1d": REGRESSION_TARGET_S},
+        "runs": [],
+    }
+    jobs = [("toy2d", model) for model in args.toy_models] + [("regression1d", model) for model in args.regression_models]
+    bar = tqdm(total=len(jobs) * len(args.threads), desc="benchmark")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for experiment_name, model in jobs:
+            if experiment_name == "toy2d":
+                experiment = ToyExperiment(toy_config("paper", model=model, dataset="8gaussians"))
+                iterations, target = args.iterations, TOY_TARGET_S
+            else:
+                experiment = RegressionExperiment(regression_config("paper", model=model))
+                iterations, target = args.regression_iterations or args.iterations, REGRESSION_TARGET_S
+            result = measure(experiment, iterations, args.warmup, args.profile)
+            result.update(experiment=experiment_name, threads=threads, target_s=target,
+                          meets_target=result["per_iteration_s"] < target,
+                          projected_run_minutes=result["per_iteration_s"] * experiment.config.iterations / 60)
+            report["runs"].append(result)
+            bar.write(
+                f"{experiment_name:12s} {model:17s} threads={threads} {1000 * result['per_iteration_s']:8.1f} ms/it "
+                f"(cpu {1000 * result['cpu_per_iteration_s']:.1f}) "
+                + " ".join(f"{k}={1000 * v:.1f}" for k, v in result["breakdown_s"].items())
+                + f"  (target {1000 * target:.0f} ms, full run {result['projected_run_minutes']:.1f} min)"
+            )
+            bar.update(1)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(report, indent=1) + "\n")
+    bar.close()
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

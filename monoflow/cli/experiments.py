@@ -1,0 +1,273 @@
+"""``monoflow toy2d | regression1d | table1 | figure4 | evaluate | sample``: the small experiments.
+
+* ``toy2d``: one 2-D density run (one data set, one model, one seed);
+* ``regression1d``: one 1-D staircase run;
+* ``table1``: every 2-D run of the paper's Table 1 (data sets x models x seeds), then the table;
+* ``figure4``: every 1-D run of the paper's Figure 4, then the table and the figure;
+* ``evaluate``: recompute the test metric of a checkpoint on fresh data;
+* ``sample``: draw samples of a 2-D checkpoint (``.npy`` and ``.png``).
+
+Runs resume from their checkpoints and finished runs are skipped, so rerunning a command after
+an interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+__all__ = ["register"]
+
+
+def _presets() -> Sequence[str]:
+    from monoflow.experiments.config import PRESETS
+
+    return PRESETS
+
+
+def _add_common(parser: argparse.ArgumentParser, seeds: bool = False) -> None:
+    parser.add_argument("--preset", choices=_presets(), default="quick",
+                        help="settings: 'paper' (exactly the paper's) or 'quick' (minutes on a laptop CPU); "
+                        "default: quick")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one configuration field, e.g. --set iterations=300 (repeatable; "
+                        "tuples comma separated: --set lr_milestones=500,1000); an unknown key lists the valid ones")
+    if seeds:
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                            help="seeds to run, e.g. --seeds 0 1 2 (default: 0)")
+    else:
+        parser.add_argument("--seed", type=int, default=None,
+                            help="random seed of model initialisation and data (default: the preset's, 0)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--output", "-o", type=Path, default=Path("results"),
+                        help="results folder (default: results); runs go to OUTPUT/<experiment>/<preset>/...")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); the small 2-D and 1-D models are "
+                        "often fastest with 1, especially on a busy machine")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _overrides(cls: type, args: argparse.Namespace, **fixed: Any) -> Dict[str, Any]:
+    """Typed ``--set`` values plus the options given explicitly (``--seed``, ``--model``, ...)."""
+    from monoflow.experiments.config import parse_overrides
+
+    values = parse_overrides(cls, args.overrides)
+    values.update({key: value for key, value in fixed.items() if value is not None})
+    return values
+
+
+def _summary(record: Dict[str, Any]) -> str:
+    if record.get("status") != "finished":
+        return f"stopped at iteration {record['step']} (rerun the same command to resume)"
+    timing = record["timing"]
+    return (
+        f"{record['metric_name']} = {record['final_metric']:.6g} ({record['final_metric_definition']}); "
+        f"{timing['iterations']} iterations in {timing['wall_time_s']:.1f} s "
+        f"({1000 * timing['per_iteration_s']:.1f} ms/iteration); {record['run_dir']}"
+    )
+
+
+def _toy2d(args: argparse.Namespace) -> int:
+    from monoflow.experiments import ToyConfig, run_toy, toy_config
+    from monoflow.experiments.results import run_directory
+
+    _set_threads(args)
+    config = toy_config(args.preset, **_overrides(ToyConfig, args, dataset=args.dataset, model=args.model, seed=args.seed))
+    record = run_toy(config, args.output, args.device, progress=not args.no_progress, stop_after=args.stop_after)
+    record.setdefault("run_dir", str(run_directory(config, args.output)))
+    print(_summary(record))
+    return 0
+
+
+def _regression1d(args: argparse.Namespace) -> int:
+    from monoflow.experiments import RegressionConfig, regression_config, run_regression
+    from monoflow.experiments.results import run_directory
+
+    _set_threads(args)
+    config = regression_config(args.preset, **_overrides(RegressionConfig, args, model=args.model, seed=args.seed))
+    record = run_regression(config, args.output, args.device, progress=not args.no_progress, stop_after=args.stop_after)
+    record.setdefault("run_dir", str(run_directory(config, args.output)))
+    print(_summary(record))
+    return 0
+
+
+def _close(figure: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def _print_table(table: Any) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 160):
+        print(table.to_string(index=False))
+
+
+def _table1(args: argparse.Namespace) -> int:
+    from monoflow.experiments import ToyConfig, run_toy, toy_config, toy_table, write_tables
+    from monoflow.experiments.figures import plot_toy_grid
+
+    _set_threads(args)
+    base = _overrides(ToyConfig, args)
+    configs = [
+        toy_config(args.preset, **{**base, "dataset": dataset, "model": model, "seed": seed})
+        for seed in args.seeds
+        for dataset in args.datasets
+        for model in args.models
+    ]
+    for index, config in enumerate(configs, start=1):
+        print(f"[{index}/{len(configs)}] {config.model} on {config.dataset}, seed {config.seed}", flush=True)
+        record = run_toy(config, args.output, args.device, progress=not args.no_progress)
+        print("    " + _summary(record), flush=True)
+    write_tables(args.output, args.preset)
+    figure = plot_toy_grid(args.output, args.preset, args.models, args.datasets, seed=args.seeds[0])
+    figure_path = Path(args.output) / "toy2d" / args.preset / "figure5.png"
+    figure.savefig(figure_path, dpi=100)
+    _close(figure)
+    table = toy_table(args.output, args.preset)
+    _print_table(table[table["dataset"].isin(args.datasets) & table["model"].isin(args.models)])
+    print(f"tables in {Path(args.output) / 'tables'}; figure {figure_path}")
+    return 0
+
+
+def _figure4(args: argparse.Namespace) -> int:
+    from monoflow.experiments import RegressionConfig, regression_config, regression_table, run_regression, write_tables
+    from monoflow.experiments.figures import plot_regression_fits
+
+    _set_threads(args)
+    base = _overrides(RegressionConfig, args)
+    configs = [
+        regression_config(args.preset, **{**base, "model": model, "seed": seed})
+        for seed in args.seeds
+        for model in args.models
+    ]
+    for index, config in enumerate(configs, start=1):
+        print(f"[{index}/{len(configs)}] {config.model}, seed {config.seed}", flush=True)
+        record = run_regression(config, args.output, args.device, progress=not args.no_progress)
+        print("    " + _summary(record), flush=True)
+    write_tables(args.output, args.preset)
+    figure = plot_regression_fits(args.output, args.preset, args.models, seed=args.seeds[0])
+    figure_path = Path(args.output) / "regression1d" / args.preset / "figure4.png"
+    figure.savefig(figure_path, dpi=100)
+    _close(figure)
+    table = regression_table(args.output, args.preset)
+    _print_table(table[table["model"].isin(args.models)])
+    print(f"tables in {Path(args.output) / 'tables'}; figure {figure_path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from monoflow.experiments.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed, device=args.device)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from monoflow.experiments.evaluate import sample_checkpoint
+    from monoflow.experiments.figures import save_samples_figure
+
+    samples = sample_checkpoint(args.checkpoint, args.n, seed=args.seed, device=args.device)
+    prefix = Path(args.output)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    npy, png = prefix.with_suffix(".npy"), prefix.with_suffix(".png")
+    np.save(npy, samples)
+    save_samples_figure(samples, png, title=f"{args.n} samples")
+    print(f"wrote {npy} and {png}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the experiment subcommands to the ``monoflow`` command line."""
+    from monoflow.data.toy import TOY_DATASETS
+    from monoflow.experiments.config import REGRESSION_MODELS, TOY_MODELS
+
+    stop_help = "stop with a checkpoint after this many iterations in total (rerun to resume)"
+
+    parser = subparsers.add_parser(
+        "toy2d", help="train one 2-D toy density model (a cell of Table 1)",
+        description="Train one flow on one 2-D toy data set, test its NLL (nats) on fresh samples, and "
+        "write run.json, figure.png and a checkpoint to OUTPUT/toy2d/<preset>/<model>/<dataset>/seed<k>. "
+        "Rerunning resumes from the checkpoint; a finished run is not trained again.",
+    )
+    parser.add_argument("--dataset", choices=TOY_DATASETS, required=True, help="the toy data set")
+    parser.add_argument("--model", choices=TOY_MODELS, default="monotone",
+                        help="monotone (Monotone Flow, CPila), idensenet (i-DenseNet, CLipSwish) or "
+                        "resflow (Residual Flow); default: monotone")
+    _add_common(parser)
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help=stop_help)
+    parser.set_defaults(handler=_toy2d)
+
+    parser = subparsers.add_parser(
+        "regression1d", help="fit one 1-D model to the staircase (a panel of Figure 4)",
+        description="Fit one two-block 1-D flow to the staircase target by MSE and write run.json, "
+        "fit.png and a checkpoint to OUTPUT/regression1d/<preset>/<model>/seed<k>. Resumable.",
+    )
+    parser.add_argument("--model", choices=REGRESSION_MODELS, default="monotone_actnorm",
+                        help="(a) residual, (b) residual_actnorm, (c) implicit_actnorm, (d) monotone_actnorm; "
+                        "default: monotone_actnorm")
+    _add_common(parser)
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help=stop_help)
+    parser.set_defaults(handler=_regression1d)
+
+    parser = subparsers.add_parser(
+        "table1", help="run every cell of Table 1 (2-D NLL) and write the table",
+        description="Train every data set x model x seed (finished runs are skipped, interrupted ones "
+        "resume), then write OUTPUT/tables/table1_toy2d_<preset>.csv next to the paper's numbers and "
+        "OUTPUT/toy2d/<preset>/figure5.png.",
+    )
+    parser.add_argument("--datasets", nargs="+", choices=TOY_DATASETS, default=list(TOY_DATASETS),
+                        metavar="DATASET", help=f"data sets (default: all of {', '.join(TOY_DATASETS)})")
+    parser.add_argument("--models", nargs="+", choices=TOY_MODELS, default=["idensenet", "monotone"],
+                        metavar="MODEL", help=f"models among {', '.join(TOY_MODELS)} (default: idensenet monotone)")
+    _add_common(parser, seeds=True)
+    parser.set_defaults(handler=_table1)
+
+    parser = subparsers.add_parser(
+        "figure4", help="run the four 1-D models of Figure 4 and draw the figure",
+        description="Fit every 1-D model x seed (finished runs are skipped, interrupted ones resume), then "
+        "write OUTPUT/tables/figure4_regression1d_<preset>.csv and OUTPUT/regression1d/<preset>/figure4.png.",
+    )
+    parser.add_argument("--models", nargs="+", choices=REGRESSION_MODELS, default=list(REGRESSION_MODELS),
+                        metavar="MODEL", help=f"models (default: all of {', '.join(REGRESSION_MODELS)})")
+    _add_common(parser, seeds=True)
+    parser.set_defaults(handler=_figure4)
+
+    parser = subparsers.add_parser(
+        "evaluate", help="recompute the test metric of a checkpoint on fresh data",
+        description="Rebuild the model of a run from its checkpoint, test it on fresh data (2-D: NLL in "
+        "nats; 1-D: MSE) with the inverse round-trip error and solver statistics, print JSON.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a run folder or its checkpoint.pt")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="number of fresh test points (default: the run's test_samples)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh test data (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.set_defaults(handler=_evaluate)
+
+    parser = subparsers.add_parser(
+        "sample", help="draw samples of a 2-D checkpoint (.npy and .png)",
+        description="Rebuild a 2-D model from its checkpoint and draw samples x = F^-1(z), z ~ N(0, I); "
+        "writes OUTPUT.npy (shape (n, 2)) and OUTPUT.png (histogram).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a toy2d run folder or its checkpoint.pt")
+    parser.add_argument("--n", type=int, default=10000, help="number of samples (default: 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the base samples (default: 0)")
+    parser.add_argument("--output", "-o", type=Path, default=Path("samples"),
+                        help="output path without suffix (default: samples -> samples.npy, samples.png)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.set_defaults(handler=_sample)

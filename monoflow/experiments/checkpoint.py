@@ -1,0 +1,94 @@
+"""Atomic checkpoints and the random-number state they must carry for exact resumption.
+
+A run is resumable bit for bit when the checkpoint holds everything the remaining steps read:
+model parameters and buffers (spectral-norm vectors, ActNorm statistics), optimiser moments, the
+step counter, the test history, and every random stream (torch's, numpy's and Python's global
+generators, plus the run's own data generators). Files are written to a temporary name in the
+same folder and moved into place with ``os.replace``, so a run killed while saving leaves the
+previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _atomic_replace(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    _atomic_replace(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically."""
+    _atomic_replace(Path(path), lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    # The checkpoint holds numpy/python RNG states and plain containers, not just tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def capture_rng_state(**generators: torch.Generator) -> Dict[str, Any]:
+    """The global torch / numpy / Python RNG states plus the states of the named generators."""
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generators": {name: generator.get_state() for name, generator in generators.items()},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: Dict[str, Any], **generators: torch.Generator) -> None:
+    """Inverse of :func:`capture_rng_state`; every named generator must be present in ``state``."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in generators.items():
+        if name not in state["generators"]:
+            raise ValueError(f"checkpoint has no state for generator {name!r}")
+        generator.set_state(state["generators"][name])

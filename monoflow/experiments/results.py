@@ -1,0 +1,244 @@
+"""The results layout: run records on disk, and tables that aggregate them next to the paper.
+
+Layout (relative to a results folder, ``results/`` by default)::
+
+    toy2d/<preset>/<model>/<dataset>/seed<k>/
+        run.json        the run record (below)
+        figure.png      data histogram | model density exp(log p) on [-4, 4]^2 | model samples
+        figure.npz      the arrays behind figure.png (data, grid, density, samples)
+        checkpoint.pt   resumable state (never committed)
+        train.log       timestamped log
+    regression1d/<preset>/<model>/seed<k>/
+        run.json, fit.png, fit.npz (x, target, prediction), checkpoint.pt, train.log
+    tables/
+        table1_toy2d_<preset>.csv        one row per data set x model, with the paper's nats
+        figure4_regression1d_<preset>.csv one row per 1-D model, with the paper's MSE
+
+run.json holds: ``experiment``, ``status`` ("finished"), ``preset``, ``model``, ``dataset`` (2-D),
+``seed``, ``metric_name`` (``nll_nats`` or ``mse``), ``final_metric`` (mean of the last
+``report_last`` tests), ``tests`` (the whole test curve: iteration, metric, train loss, learning
+rate, inverse round-trip error, solver statistics of the test and of the training step),
+``config``, ``parameters``, ``provenance`` (package version, git commit, torch version, device,
+Python, platform, time), ``timing`` (wall time, iterations, per-iteration time and its breakdown
+into data / forward / backward / optimizer) and ``solver`` (statistics of the last test).
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from monoflow.experiments.checkpoint import atomic_write_text
+
+__all__ = [
+    "RUN_NAME",
+    "CHECKPOINT_NAME",
+    "LOG_NAME",
+    "EXPERIMENTS",
+    "run_directory",
+    "load_run",
+    "find_runs",
+    "toy_table",
+    "regression_table",
+    "write_tables",
+    "paper_toy_numbers",
+    "paper_regression_numbers",
+    "write_run",
+    "to_jsonable",
+    "summarize_solver",
+]
+
+RUN_NAME = "run.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train.log"
+EXPERIMENTS = ("toy2d", "regression1d")
+PathLike = Union[str, os.PathLike]
+
+
+def run_directory(config: Any, output_dir: PathLike = "results") -> Path:
+    """The folder of the run ``config`` describes (see the module doc for the layout)."""
+    root = Path(output_dir) / config.experiment / config.preset / config.model
+    if config.experiment == "toy2d":
+        root = root / config.dataset
+    return root / f"seed{config.seed}"
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types for tensors, numpy values, tuples and nested containers (NaN stays NaN)."""
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist()) if value.numel() != 1 else float(value.item())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
+
+
+def summarize_solver(stats: Any, kinds: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Flatten the core's ``solver_stats(model)`` into ``{"forward_iterations_mean": ..., ...}``.
+
+    Nested dictionaries become ``outer_inner`` keys; tensors become numbers or lists. With
+    ``kinds`` (e.g. ``("forward", "adjoint")``) only keys starting with one of them are kept: the
+    core remembers each block's last solve of every kind, so a training step's statistics would
+    otherwise include the inverse solves of the previous test.
+    """
+    flat: Dict[str, Any] = {}
+
+    def walk(prefix: str, item: Any) -> None:
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                walk(f"{prefix}_{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = to_jsonable(item)
+
+    walk("", stats if stats is not None else {})
+    if kinds is not None:
+        flat = {key: value for key, value in flat.items() if key.split("_", 1)[0] in kinds}
+    return flat
+
+
+def write_run(run_dir: PathLike, record: Dict[str, Any]) -> Path:
+    """Write ``record`` as ``run_dir/run.json`` atomically; returns the path."""
+    path = Path(run_dir) / RUN_NAME
+    atomic_write_text(path, json.dumps(to_jsonable(record), indent=1, allow_nan=True) + "\n")
+    return path
+
+
+def load_run(run_dir: PathLike) -> Dict[str, Any]:
+    """The record of one run: ``run_dir/run.json`` (or a path to the file itself), plus ``run_dir``."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / RUN_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {RUN_NAME} at {path} (is the run finished?)")
+    with open(path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    record["run_dir"] = str(path.parent)
+    return record
+
+
+def find_runs(
+    results_dir: PathLike = "results", experiment: str = "toy2d", preset: Optional[str] = None
+) -> List[Dict[str, Any]]:
+    """All finished runs of ``experiment`` (``"toy2d"`` or ``"regression1d"``) under ``results_dir``.
+
+    Optionally only those of ``preset``. Sorted by model, data set and seed.
+    """
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
+    root = Path(results_dir) / experiment
+    if preset is not None:
+        root = root / preset
+    if not root.is_dir():
+        return []
+    runs = [load_run(path.parent) for path in sorted(root.rglob(RUN_NAME))]
+    runs = [run for run in runs if run.get("status") == "finished" and run.get("experiment") == experiment]
+    return sorted(runs, key=lambda run: (run["preset"], run["model"], run.get("dataset") or "", run["seed"]))
+
+
+def _paper_csv(name: str) -> pd.DataFrame:
+    with resources.files("monoflow.paper_data").joinpath(name).open("r", encoding="utf-8") as handle:
+        return pd.read_csv(handle)
+
+
+def paper_toy_numbers() -> pd.DataFrame:
+    """The paper's Table 1 in long form: columns dataset, model, paper_nats."""
+    wide = _paper_csv("table1_toy2d_nats.csv")
+    long = wide.melt(id_vars="dataset", var_name="model", value_name="paper_nats")
+    long["model"] = long["model"].str.replace("_nats", "", regex=False)
+    return long
+
+
+def paper_regression_numbers() -> pd.DataFrame:
+    """The paper's Figure 4 MSEs: columns model, paper_mse (NaN where unreadable), paper_note."""
+    frame = _paper_csv("figure4_1d_mse.csv")
+    return frame.rename(columns={"note": "paper_note"})[["model", "paper_mse", "paper_note"]]
+
+
+def _aggregate(runs: List[Dict[str, Any]], keys: List[str]) -> pd.DataFrame:
+    rows = [
+        {
+            **{key: run.get(key) for key in keys},
+            "seed": run["seed"],
+            "metric": run["final_metric"],
+            "iterations": run["timing"]["iterations"],
+            "wall_time_s": run["timing"]["wall_time_s"],
+            "device": run["provenance"]["device"],
+        }
+        for run in runs
+    ]
+    columns = keys + ["seeds", "metric_mean", "metric_std", "iterations", "wall_time_s", "device"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    grouped = frame.groupby(keys, sort=True)
+    table = grouped.agg(
+        seeds=("seed", "count"),
+        metric_mean=("metric", "mean"),
+        metric_std=("metric", "std"),
+        iterations=("iterations", "max"),
+        wall_time_s=("wall_time_s", "mean"),
+        device=("device", lambda devices: ", ".join(sorted(set(devices)))),
+    )
+    return table.reset_index()[columns]
+
+
+def toy_table(results_dir: PathLike = "results", preset: Optional[str] = None) -> pd.DataFrame:
+    """Table 1 from the finished 2-D runs, one row per data set x model x preset.
+
+    Columns: dataset, model, preset, seeds (number of seeds), nll_nats_mean, nll_nats_std (over
+    seeds; NaN for one seed), paper_nats (NaN for models the paper does not report),
+    difference (ours - paper), iterations, wall_time_s (mean over seeds), device.
+    """
+    runs = find_runs(results_dir, "toy2d", preset)
+    table = _aggregate(runs, ["dataset", "model", "preset"])
+    table = table.rename(columns={"metric_mean": "nll_nats_mean", "metric_std": "nll_nats_std"})
+    table = table.merge(paper_toy_numbers(), on=["dataset", "model"], how="left")
+    table["difference"] = table["nll_nats_mean"] - table["paper_nats"]
+    columns = ["dataset", "model", "preset", "seeds", "nll_nats_mean", "nll_nats_std", "paper_nats",
+               "difference", "iterations", "wall_time_s", "device"]
+    return table[columns].reset_index(drop=True)
+
+
+def regression_table(results_dir: PathLike = "results", preset: Optional[str] = None) -> pd.DataFrame:
+    """Figure 4's numbers from the finished 1-D runs, one row per model x preset.
+
+    Columns: model, preset, mse (mean over seeds of the final test MSE), paper_mse (NaN where the
+    source is unreadable), iterations, wall_time_s, device, seeds, mse_std, paper_note.
+    """
+    runs = find_runs(results_dir, "regression1d", preset)
+    table = _aggregate(runs, ["model", "preset"])
+    table = table.rename(columns={"metric_mean": "mse", "metric_std": "mse_std"})
+    table = table.merge(paper_regression_numbers(), on="model", how="left")
+    columns = ["model", "preset", "mse", "paper_mse", "iterations", "wall_time_s", "device", "seeds",
+               "mse_std", "paper_note"]
+    return table[columns].reset_index(drop=True)
+
+
+def write_tables(results_dir: PathLike = "results", preset: Optional[str] = None) -> List[Path]:
+    """Write the aggregated tables as CSV under ``results_dir/tables/``; returns the paths written."""
+    tables_dir = Path(results_dir) / "tables"
+    written = []
+    for name, build in (("table1_toy2d", toy_table), ("figure4_regression1d", regression_table)):
+        table = build(results_dir, preset)
+        for table_preset, part in table.groupby("preset"):
+            path = tables_dir / f"{name}_{table_preset}.csv"
+            atomic_write_text(path, part.to_csv(index=False, float_format="%.6g"))
+            written.append(path)
+    return written
+
+
