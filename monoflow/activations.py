@@ -285,7 +285,7 @@ class LipSwish(nn.Module):
         return _lipswish_derivative(x, self.beta)
 
 
-class CLipSwish(nn.Module):
+class CLipSwish(LipSwish):
     r"""Concatenated LipSwish: :math:`[f(x), f(-x)] / 1.004` along dim 1, with
     :math:`f(x) = x\,\sigma(\beta x)/1.1` and ONE learnable :math:`b` shared by both halves
     (:math:`\beta = \mathrm{softplus}(b)`, :math:`b` starts at 0.5). Lipschitz constant 0.99997.
@@ -294,14 +294,6 @@ class CLipSwish(nn.Module):
     concatenates: bool = True
     lipschitz_constant: float = 0.99997
     scale: float = 1.004
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.b = nn.Parameter(torch.tensor(0.5))
-
-    @property
-    def beta(self) -> torch.Tensor:
-        return F.softplus(self.b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_concat_input(x, "CLipSwish")

@@ -118,7 +118,18 @@ class _ImplicitBase(FlowBlock):
         return f"logdet={self.logdet_estimator!r}"
 
 
-class MonotoneBlock(_ImplicitBase):
+class _SingleNetworkBlock(_ImplicitBase):
+    """A block built around one network g with Lip(g) < 1."""
+
+    def __init__(self, g: nn.Module, logdet: LogDetSpec = "exact", solver: Optional[SolverOptions] = None,
+                 adjoint: Optional[SolverOptions] = None, check_lipschitz: bool = True):
+        super().__init__(logdet, solver, adjoint)
+        if check_lipschitz:
+            check_lipschitz_constrained(g)
+        self.g = g
+
+
+class MonotoneBlock(_SingleNetworkBlock):
     r"""The monotone (Cayley) block :math:`F = 2(\mathrm{Id}+g)^{-1} - \mathrm{Id}` in the scaled form
     :math:`F(x) = \sqrt2\,(\mathrm{Id}+g)^{-1}(\sqrt2\,x) - x`.
 
@@ -142,12 +153,6 @@ class MonotoneBlock(_ImplicitBase):
         (True, True)
     """
 
-    def __init__(self, g: nn.Module, logdet: LogDetSpec = "exact", solver: Optional[SolverOptions] = None,
-                 adjoint: Optional[SolverOptions] = None, check_lipschitz: bool = True):
-        super().__init__(logdet, solver, adjoint)
-        if check_lipschitz:
-            check_lipschitz_constrained(g)
-        self.g = g
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "MonotoneBlock input")
@@ -162,19 +167,13 @@ class MonotoneBlock(_ImplicitBase):
         return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet, cache)
 
 
-class ResidualBlock(_ImplicitBase):
+class ResidualBlock(_SingleNetworkBlock):
     r"""Residual block :math:`y = x + g(x)`; inverse by the fixed point :math:`x = y - g(x)`.
 
     :math:`\log\det(I + J) = \sum_k (-1)^{k+1}\mathrm{tr}(J^k)/k`. Same arguments as
     :class:`MonotoneBlock`.
     """
 
-    def __init__(self, g: nn.Module, logdet: LogDetSpec = "exact", solver: Optional[SolverOptions] = None,
-                 adjoint: Optional[SolverOptions] = None, check_lipschitz: bool = True):
-        super().__init__(logdet, solver, adjoint)
-        if check_lipschitz:
-            check_lipschitz_constrained(g)
-        self.g = g
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ResidualBlock input")
