@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _datetime
 import html.parser
+import os
 import platform
 import shutil
 import subprocess
@@ -183,8 +184,13 @@ def execute_notebook(
     cwd: Optional[Path] = None,
     kernel_name: Optional[str] = None,
     progress: bool = True,
+    threads: Optional[int] = 1,
 ) -> Path:
     """Execute ``source`` with papermill into ``target`` (the executed copy, outputs kept).
+
+    The kernel runs with ``threads`` intra-op threads (``OMP_NUM_THREADS``; ``None`` leaves the
+    environment alone): the chapters' computations use small tensors, for which one thread is
+    fastest, and OpenMP threads competing for a busy core slow them down by orders of magnitude.
 
     Raises:
         NotebookError: a cell raised; the message names the notebook, the cell and the error,
@@ -194,6 +200,9 @@ def execute_notebook(
     from papermill.exceptions import PapermillExecutionError
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         papermill.execute_notebook(
             str(source),
@@ -208,6 +217,12 @@ def execute_notebook(
             f"notebook {source.name} failed in cell {error.exec_count} with "
             f"{error.ename}: {error.evalue}\n(executed copy with the full traceback: {target})"
         ) from error
+    finally:
+        if threads is not None:
+            if previous is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = previous
     return target
 
 
