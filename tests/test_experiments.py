@@ -28,7 +28,7 @@ from monoflow.experiments import (
     toy_table,
     write_tables,
 )
-from monoflow.experiments.checkpoint import load_checkpoint, save_checkpoint
+from monoflow.checkpoint import load_checkpoint, save_checkpoint
 from monoflow.experiments.config import config_from_dict, config_to_dict, lr_factor, parse_overrides
 from monoflow.experiments.evaluate import evaluate_checkpoint, sample_checkpoint
 from monoflow.experiments.figures import plot_regression_fits, plot_toy_grid, plot_toy_run

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from monoflow.experiments.checkpoint import load_checkpoint
+from monoflow.checkpoint import load_checkpoint
 from monoflow.experiments.config import RegressionConfig, ToyConfig, config_from_dict
 from monoflow.experiments.results import CHECKPOINT_NAME
 

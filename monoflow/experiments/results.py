@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from monoflow.experiments.checkpoint import atomic_write_text
+from monoflow.checkpoint import atomic_write_text
 
 __all__ = [
     "RUN_NAME",

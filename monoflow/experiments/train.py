@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monoflow.blocks import solver_stats
-from monoflow.experiments.checkpoint import (
+from monoflow.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,

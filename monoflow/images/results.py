@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from monoflow.checkpoint import atomic_write_text
 from monoflow.provenance import provenance as base_provenance
 
 __all__ = ["provenance", "write_json", "read_runs", "image_table", "run_directory"]
@@ -41,12 +42,9 @@ def provenance(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
 
 
 def write_json(data: Dict[str, Any], path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    """Write ``data`` as JSON to ``path`` atomically; returns the path."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+    return Path(path)
 
 
 def read_runs(results_dir: PathLike) -> List[Dict[str, Any]]:

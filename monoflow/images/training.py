@@ -38,8 +38,8 @@ from monoflow.blocks import solver_stats
 from monoflow.data.images import ImageArray, batches_per_epoch, load_image_dataset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
-from monoflow.images.checkpoint import (checkpoint_path, load_checkpoint, rng_path, rng_state, save_atomic,
-                                        set_rng_state)
+from monoflow.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from monoflow.images.checkpoint import checkpoint_path, load_checkpoint, rng_path
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
                                          broadcast_module, init_distributed)
 from monoflow.images.ema import ExponentialMovingAverage
@@ -216,21 +216,21 @@ def train_image_flow(
         elapsed_before = state.get("train_seconds", 0.0)
         rng_file = rng_path(out, ctx.rank)
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            restore_rng_state(torch.load(rng_file, weights_only=False))
         if ctx.is_main:
             print(f"resuming {out} at step {step}/{total_steps}")
 
     def save(finished: bool) -> None:
-        save_atomic(rng_state(), rng_path(out, ctx.rank))
+        save_checkpoint(rng_path(out, ctx.rank), capture_rng_state())
         if ctx.is_main:
-            save_atomic({
+            save_checkpoint(checkpoint_path(out), {
                 "preset": spec.name, "model_name": model_name, "model_config": asdict(config),
                 "training_config": asdict(training), "model": flow.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "log": log, "evaluations": evals, "finished": finished, "total_steps": total_steps,
                 "learnable_concat": step >= learnable_concat_step, "seed": seed, "world_size": ctx.world_size,
                 "train_seconds": elapsed_before + (time.time() - loop_start),
-            }, checkpoint_path(out))
+            })
         barrier(ctx)
 
     stop = {"flag": False}
