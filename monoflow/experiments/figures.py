@@ -57,22 +57,22 @@ def _run_dir(run: Union[PathLike, Dict[str, Any]]) -> Path:
     return path.parent if path.name == "run.json" else path
 
 
-def load_toy_arrays(run: Union[PathLike, Dict[str, Any]]) -> Dict[str, np.ndarray]:
-    """The arrays behind a 2-D run's figure: ``data``, ``axis``, ``density``, ``samples``."""
-    path = _run_dir(run) / "figure.npz"
+def _load_arrays(run: Union[PathLike, Dict[str, Any]], file_name: str, experiment: str) -> Dict[str, np.ndarray]:
+    path = _run_dir(run) / file_name
     if not path.is_file():
-        raise FileNotFoundError(f"no figure.npz at {path} (is the 2-D run finished?)")
+        raise FileNotFoundError(f"no {file_name} at {path} (is the {experiment} run finished?)")
     with np.load(path) as arrays:
         return {key: arrays[key] for key in arrays.files}
+
+
+def load_toy_arrays(run: Union[PathLike, Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    """The arrays behind a 2-D run's figure: ``data``, ``axis``, ``density``, ``samples``."""
+    return _load_arrays(run, "figure.npz", "2-D")
 
 
 def load_regression_arrays(run: Union[PathLike, Dict[str, Any]]) -> Dict[str, np.ndarray]:
     """The arrays behind a 1-D run's figure: ``x``, ``target``, ``prediction``."""
-    path = _run_dir(run) / "fit.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"no fit.npz at {path} (is the 1-D run finished?)")
-    with np.load(path) as arrays:
-        return {key: arrays[key] for key in arrays.files}
+    return _load_arrays(run, "fit.npz", "1-D")
 
 
 def _histogram(ax: Any, points: np.ndarray, bins: int = 100) -> None:
