@@ -40,7 +40,7 @@ from monoflow.experiments.config import REGRESSION_MODELS, TOY_MODELS, regressio
 from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.results import summarize_solver
 from monoflow.experiments.toy2d import ToyExperiment
-from monoflow.experiments.train import TIMED_PHASES, training_step
+from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
 from monoflow.provenance import provenance
 
 TOY_TARGET_S = 20 * 60 / 50000
@@ -68,7 +68,7 @@ def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dic
     model = experiment.build_model()
     set_learnable_concat(model, True)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     scratch = {phase: 0.0 for phase in TIMED_PHASES}
     for step in range(warmup):

@@ -114,6 +114,13 @@ class _ImplicitBase(FlowBlock):
             return None
         return self.logdet_estimator(g, w, series, self.training, cache)
 
+    def _value_and_logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries,
+                          with_logdet: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(g(w), log-det at w)`` with one pass through g where the estimator allows it."""
+        if self.logdet_estimator is None or not with_logdet:
+            return g(w), None
+        return self.logdet_estimator.value_and_logdet(g, w, series, self.training)
+
     def extra_repr(self) -> str:
         return f"logdet={self.logdet_estimator!r}"
 
@@ -177,7 +184,8 @@ class ResidualBlock(_SingleNetworkBlock):
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ResidualBlock input")
-        return x + self.g(x), self._logdet(self.g, x, RESIDUAL, with_logdet)
+        g_x, logdet = self._value_and_logdet(self.g, x, RESIDUAL, with_logdet)
+        return x + g_x, logdet
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ResidualBlock.inverse input")
@@ -206,16 +214,16 @@ class ImplicitBlock(_ImplicitBase):
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ImplicitBlock input")
         cache: dict = {}
-        y = self._solve(self.g2, x + self.g1(x), 1.0, "forward", cache)
-        return y, self._pair(self._logdet(self.g1, x, RESIDUAL, with_logdet),
-                             self._logdet(self.g2, y, RESIDUAL.negated(), with_logdet, cache))
+        g1_x, logdet1 = self._value_and_logdet(self.g1, x, RESIDUAL, with_logdet)
+        y = self._solve(self.g2, x + g1_x, 1.0, "forward", cache)
+        return y, self._pair(logdet1, self._logdet(self.g2, y, RESIDUAL.negated(), with_logdet, cache))
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ImplicitBlock.inverse input")
         cache: dict = {}
-        x = self._solve(self.g1, y + self.g2(y), 1.0, "inverse", cache)
-        return x, self._pair(self._logdet(self.g1, x, RESIDUAL.negated(), with_logdet, cache),
-                             self._logdet(self.g2, y, RESIDUAL, with_logdet))
+        g2_y, logdet2 = self._value_and_logdet(self.g2, y, RESIDUAL, with_logdet)
+        x = self._solve(self.g1, y + g2_y, 1.0, "inverse", cache)
+        return x, self._pair(self._logdet(self.g1, x, RESIDUAL.negated(), with_logdet, cache), logdet2)
 
 
 class ActNorm(FlowBlock):

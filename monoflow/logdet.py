@@ -128,6 +128,12 @@ class LogDetEstimator:
                  cache: Optional[dict] = None) -> Tensor:
         raise NotImplementedError
 
+    def value_and_logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool,
+                         cache: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+        """``(g(w), log-det at w)``: for blocks that need both at the same point (residual
+        blocks). Estimators that evaluate g(w) on the way return that evaluation."""
+        return g(w), self(g, w, series, training, cache)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
@@ -143,6 +149,24 @@ class ExactLogDet(LogDetEstimator):
 
     def __call__(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool,
                  cache: Optional[dict] = None) -> Tensor:
+        self._check(w)
+        J = jacobian(g, w, create_graph=torch.is_grad_enabled())
+        if cache is not None:
+            cache["jacobian"] = J.detach()
+        return series.exact(J)
+
+    def value_and_logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries, training: bool,
+                         cache: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+        """One Jacobian pass gives g(w) too, when g propagates Jacobians (``g.jacobian``)."""
+        if not hasattr(g, "jacobian"):
+            return super().value_and_logdet(g, w, series, training, cache)
+        self._check(w)
+        value, J = g.jacobian(w)
+        if cache is not None:
+            cache["jacobian"] = J.detach()
+        return value, series.exact(J)
+
+    def _check(self, w: Tensor) -> None:
         if w.dim() != 2:
             raise ValueError(
                 f"logdet='exact' needs inputs of shape (batch, d), got {tuple(w.shape)}; "
@@ -153,10 +177,6 @@ class ExactLogDet(LogDetEstimator):
                 f"logdet='exact' builds the full {w.shape[1]}x{w.shape[1]} Jacobian; allowed up to "
                 f"d={self.max_dim} (pass ExactLogDet(max_dim=...) to raise the limit)"
             )
-        J = jacobian(g, w, create_graph=torch.is_grad_enabled())
-        if cache is not None:
-            cache["jacobian"] = J.detach()
-        return series.exact(J)
 
 
 def _probe(w: Tensor, kind: str, generator: Optional[torch.Generator]) -> Tensor:

@@ -320,6 +320,27 @@ def test_update_lipschitz_returns_max_iterations():
     assert 1 <= update_lipschitz(g, tol=1e-3) <= 200
 
 
+def test_batched_power_iteration_equals_per_layer_iteration():
+    # update_lipschitz(n_iterations=k) runs same-shaped linear layers as one batch; the oracle
+    # is each layer's own power_iteration(k) in float64
+    torch.manual_seed(3)
+    model = torch.nn.ModuleList([dense_mlp(2, 2, 8) for _ in range(3)] + [dense_convnet(2, 1, 4, input_size=(4, 4))]).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    assert update_lipschitz(model, n_iterations=4) == 4
+    batched = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(reference)
+    for layer in model.modules():
+        if isinstance(layer, (SpectralNormLinear, SpectralNormConv2d)):
+            layer.power_iteration(4)
+    for key, value in model.state_dict().items():
+        assert torch.allclose(batched[key], value, atol=1e-12), key
+    changed = [k for k in reference if k.endswith(".u") and not torch.allclose(reference[k], batched[k])]
+    assert changed, "the power iteration should have moved the vectors"
+
+
 def test_bad_arguments_give_clear_errors():
     with pytest.raises(ValueError, match="unknown activation"):
         dense_mlp(2, 3, 16, "relu6")

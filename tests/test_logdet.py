@@ -153,3 +153,24 @@ def test_make_estimator_names():
         make_estimator("trace")
     with pytest.raises(ValueError, match="distribution"):
         RussianRouletteLogDet(distribution="binomial")
+
+
+@pytest.mark.parametrize("with_jacobian", [True, False])
+def test_value_and_logdet_matches_separate_calls(with_jacobian):
+    # residual blocks take g(w) and the log-det from one Jacobian pass when g propagates
+    # Jacobians; value, log-det and parameter gradients must equal the two separate calls
+    torch.manual_seed(1)
+    g = _g().double()
+    if not with_jacobian:
+        g = torch.nn.Sequential(*g.layers)  # the same network without DenseNet.jacobian
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    value, logdet = ExactLogDet().value_and_logdet(g, w, RESIDUAL, training=True)
+    fused = torch.autograd.grad((value.sum() + logdet.sum()), [w] + list(g.parameters()))
+    separate_value, separate_logdet = g(w), ExactLogDet()(g, w, RESIDUAL, training=True)
+    separate = torch.autograd.grad((separate_value.sum() + separate_logdet.sum()), [w] + list(g.parameters()))
+    assert torch.allclose(value, separate_value, atol=1e-12)
+    assert torch.allclose(logdet, separate_logdet, atol=1e-12)
+    for a, b in zip(fused, separate):
+        assert torch.allclose(a, b, atol=1e-10)
+    J = torch.autograd.functional.jacobian(lambda x: g(x).sum(0), w.detach()).transpose(0, 1)
+    assert torch.allclose(logdet, torch.linalg.slogdet(torch.eye(3, dtype=torch.float64) + J)[1], atol=1e-10)
