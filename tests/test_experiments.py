@@ -334,3 +334,29 @@ def test_toy_table_aggregates_seeds(tmp_path):
     assert list(toy_table(tmp_path / "empty").columns)[:3] == ["dataset", "model", "preset"]
     with pytest.raises(ValueError, match="unknown experiment"):
         find_runs(tmp_path, "images2d")
+
+
+def test_seed_spread_compares_the_paper_gap_with_seed_noise(tmp_path):
+    for seed, (mono, dense) in enumerate([(2.6, 3.0), (2.7, 2.9), (2.8, 3.1)]):
+        _fake_run(tmp_path, "rings", "monotone", seed, mono)
+        _fake_run(tmp_path, "rings", "idensenet", seed, dense)
+    _fake_run(tmp_path, "moons", "monotone", 0, 2.4)  # one seed, one model: no row
+    from monoflow.experiments import toy_seed_spread
+    spread = toy_seed_spread(toy_table(tmp_path))
+    assert list(spread["dataset"]) == ["rings"]
+    row = spread.iloc[0]
+    assert row["seeds"] == 3
+    assert row["gap_ours"] == pytest.approx(3.0 - 2.7)
+    assert row["gap_paper"] == pytest.approx(2.884 - 2.665)
+    assert row["single_run_gap_std"] == pytest.approx(math.hypot(0.1, 0.1))
+    assert row["paper_gap_in_stds"] == pytest.approx((2.884 - 2.665) / math.hypot(0.1, 0.1))
+    assert toy_seed_spread(toy_table(tmp_path), min_seeds=4).empty
+
+
+def test_late_improvement_of_a_test_curve():
+    from monoflow.experiments.results import late_improvement
+    falling = {"tests": [{"iteration": i, "metric": 10.0 - i} for i in range(8)]}
+    assert late_improvement(falling) == pytest.approx(2.0)  # metrics 10..3: (6 + 5) / 2 - (4 + 3) / 2
+    flat = {"tests": [{"iteration": i, "metric": 1.0} for i in range(8)]}
+    assert late_improvement(flat) == 0.0
+    assert math.isnan(late_improvement({"tests": [{"iteration": 0, "metric": 1.0}]}))

@@ -20,7 +20,7 @@ from monoflow.experiments.config import (
 )
 from monoflow.experiments.evaluate import evaluate_checkpoint, load_model, sample_checkpoint
 from monoflow.experiments.regression1d import run_regression
-from monoflow.experiments.results import find_runs, load_run, regression_table, toy_table, write_tables
+from monoflow.experiments.results import find_runs, load_run, regression_table, toy_seed_spread, toy_table, write_tables
 from monoflow.experiments.toy2d import run_toy
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "load_run",
     "find_runs",
     "toy_table",
+    "toy_seed_spread",
     "regression_table",
     "write_tables",
     "load_model",

@@ -45,6 +45,8 @@ __all__ = [
     "load_run",
     "find_runs",
     "toy_table",
+    "toy_seed_spread",
+    "late_improvement",
     "regression_table",
     "write_tables",
     "paper_toy_numbers",
@@ -212,6 +214,50 @@ def toy_table(results_dir: PathLike = "results", preset: Optional[str] = None) -
     columns = ["dataset", "model", "preset", "seeds", "nll_nats_mean", "nll_nats_std", "paper_nats",
                "difference", "iterations", "wall_time_s", "device"]
     return table[columns].reset_index(drop=True)
+
+
+def toy_seed_spread(table: pd.DataFrame, min_seeds: int = 2) -> pd.DataFrame:
+    r"""Is the paper's gap between i-DenseNet and Monotone Flow larger than the seed noise?
+
+    From :func:`toy_table` rows, per data set and preset where both models have at least
+    ``min_seeds`` seeds: means and standard deviations over seeds, our gap and the paper's gap
+    (i-DenseNet minus Monotone Flow; positive: Monotone Flow is better), and
+    ``single_run_gap_std`` :math:`=\sqrt{s_i^2 + s_m^2}`, the standard deviation of the gap
+    between two single runs (the paper reports one run per cell). ``paper_gap_in_stds`` is the
+    paper's gap in units of that standard deviation: below 2, one run per cell cannot tell the
+    two models apart.
+    """
+    columns = ["dataset", "preset", "seeds", "monotone_mean", "monotone_std", "idensenet_mean",
+               "idensenet_std", "gap_ours", "gap_paper", "single_run_gap_std", "paper_gap_in_stds"]
+    rows = []
+    for (dataset, preset), part in table.groupby(["dataset", "preset"], sort=True):
+        cells = part.set_index("model")
+        if not {"monotone", "idensenet"} <= set(cells.index):
+            continue
+        mono, dense = cells.loc["monotone"], cells.loc["idensenet"]
+        seeds = int(min(mono["seeds"], dense["seeds"]))
+        if seeds < min_seeds:
+            continue
+        noise = float(np.hypot(mono["nll_nats_std"], dense["nll_nats_std"]))
+        gap_paper = float(dense["paper_nats"] - mono["paper_nats"])
+        rows.append({
+            "dataset": dataset, "preset": preset, "seeds": seeds,
+            "monotone_mean": mono["nll_nats_mean"], "monotone_std": mono["nll_nats_std"],
+            "idensenet_mean": dense["nll_nats_mean"], "idensenet_std": dense["nll_nats_std"],
+            "gap_ours": dense["nll_nats_mean"] - mono["nll_nats_mean"], "gap_paper": gap_paper,
+            "single_run_gap_std": noise, "paper_gap_in_stds": abs(gap_paper) / noise if noise > 0 else float("inf"),
+        })
+    return pd.DataFrame(rows, columns=columns)
+
+
+def late_improvement(record: Dict[str, Any]) -> float:
+    """How much a run's test metric still fell at the end: the mean over the third quarter of its
+    test curve minus the mean over the fourth (positive: still improving; NaN below 4 tests)."""
+    metrics = [test["metric"] for test in record.get("tests", [])]
+    n = len(metrics)
+    if n < 4:
+        return float("nan")
+    return float(np.mean(metrics[n // 2:(3 * n) // 4]) - np.mean(metrics[(3 * n) // 4:]))
 
 
 def regression_table(results_dir: PathLike = "results", preset: Optional[str] = None) -> pd.DataFrame:
