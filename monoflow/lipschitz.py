@@ -505,9 +505,12 @@ class LipschitzDenseLayer(nn.Module):
         pre, pre_jac = self.linear.forward_with_jacobian(x, jac)
         if self.activation.concatenates:
             pre_jac = torch.cat([pre_jac, pre_jac], dim=2)
-        act_jac = self.activation.derivative(pre).unsqueeze(1) * pre_jac
-        out = torch.cat([eta1 * x, eta2 * self.activation(pre)], dim=1)
-        return out, torch.cat([eta1 * jac, eta2 * act_jac], dim=2)
+        if hasattr(self.activation, "value_and_derivative"):
+            value, slope = self.activation.value_and_derivative(pre)
+        else:
+            value, slope = self.activation(pre), self.activation.derivative(pre)
+        out = torch.cat([eta1 * x, eta2 * value], dim=1)
+        return out, torch.cat([eta1 * jac, eta2 * (slope.unsqueeze(1) * pre_jac)], dim=2)
 
     def _bound(self, linear_norm: float) -> float:
         with torch.no_grad():

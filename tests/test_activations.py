@@ -248,3 +248,19 @@ def test_torch_func_transforms_work(name):
     deriv = act.derivative(x)
     expected = deriv.unsqueeze(-1) * torch.eye(2, dtype=F64).repeat(deriv.shape[1] // 2, 1)
     torch.testing.assert_close(jac, expected)
+
+
+def test_value_and_derivative_in_one_pass():
+    # oracle: the separate closed forms, and gradcheck / gradgradcheck of the fused Function
+    from monoflow.activations import CPila, Pila, pila_value_and_derivative
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64).reshape(61, 1).repeat(1, 2)
+    value, slope = pila_value_and_derivative(x)
+    assert torch.allclose(value, pila(x), atol=1e-15)
+    assert torch.allclose(slope, pila_derivative(x), atol=1e-15)
+    for module in (Pila(), CPila()):
+        value, slope = module.value_and_derivative(x)
+        assert torch.allclose(value, module(x), atol=1e-15)
+        assert torch.allclose(slope, module.derivative(x), atol=1e-15)
+    probe = (torch.randn(7, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: pila_value_and_derivative(z), (probe,))
+    assert torch.autograd.gradgradcheck(lambda z: pila_value_and_derivative(z), (probe,))
