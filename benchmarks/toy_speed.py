@@ -23,7 +23,9 @@ CPU time per iteration (with one thread, close to the wall time on an idle core)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import functools
 import io
 import json
 import os
@@ -31,7 +33,7 @@ import platform
 import pstats
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 from tqdm.auto import tqdm
@@ -56,6 +58,40 @@ def _profile_summary(profile: cProfile.Profile, top: int = 15) -> List[Dict[str,
                      "tottime_s": tottime, "cumtime_s": cumtime})
     rows.sort(key=lambda row: row["tottime_s"], reverse=True)
     return rows[:top]
+
+
+@contextlib.contextmanager
+def sub_phase_timers(timers: Dict[str, float]):
+    """Accumulate the wall time of the fixed-point solves, the adjoint solves and the log-det
+    estimators into ``timers`` (by wrapping those functions for the duration)."""
+    import monoflow.implicit as implicit
+    from monoflow import logdet
+
+    def timed(function: Callable, name: str) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            tick = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timers[name] += time.perf_counter() - tick
+        return wrapper
+
+    patches = [(implicit, "fixed_point_solve", "solves (forward and iterative adjoint)"),
+               (implicit, "_direct_adjoint", "adjoint (direct)")]
+    for estimator in (logdet.ExactLogDet, logdet.PowerSeriesLogDet, logdet.RussianRouletteLogDet):
+        patches += [(estimator, "__call__", "log-det"), (estimator, "value_and_logdet", "log-det")]
+    originals = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
+    for owner, name, label in patches:
+        timers.setdefault(label, 0.0)
+        if name in owner.__dict__:
+            setattr(owner, name, timed(getattr(owner, name), label))
+    try:
+        yield timers
+    finally:
+        for owner, name, original in originals:
+            if original is not None:
+                setattr(owner, name, original)
 
 
 def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dict[str, Any]:
@@ -83,6 +119,12 @@ def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dic
     if profiler:
         profiler.disable()
     total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
+    # a second, shorter pass splits the phases further (the wrappers add a little overhead)
+    parts: Dict[str, float] = {}
+    sub_iterations = max(1, iterations // 2)
+    with sub_phase_timers(parts):
+        for step in range(warmup + iterations, warmup + iterations + sub_iterations):
+            training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, scratch)
     result = {
         "model": config.model,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -93,6 +135,8 @@ def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dic
         # with one thread it approximates the wall time on an idle core.
         "cpu_per_iteration_s": cpu_total / iterations,
         "breakdown_s": {phase: timers[phase] / iterations for phase in TIMED_PHASES},
+        # parts of the phases above: solves and log-det within "forward", adjoint within "backward"
+        "sub_phases_s": {name: value / sub_iterations for name, value in parts.items()},
         "solver_last_step": summarize_solver(solver_stats(model), kinds=("forward", "adjoint")),
     }
     if profiler:
@@ -142,6 +186,7 @@ def main(argv: Any = None) -> int:
                 f"{experiment_name:12s} {model:17s} threads={threads} {1000 * result['per_iteration_s']:8.1f} ms/it "
                 f"(cpu {1000 * result['cpu_per_iteration_s']:.1f}) "
                 + " ".join(f"{k}={1000 * v:.1f}" for k, v in result["breakdown_s"].items())
+                + " [" + ", ".join(f"{k}={1000 * v:.1f}" for k, v in result["sub_phases_s"].items()) + "]"
                 + f"  (target {1000 * target:.0f} ms, full run {result['projected_run_minutes']:.1f} min)"
             )
             bar.update(1)
