@@ -67,7 +67,7 @@ def test_second_moments_match_closed_forms():
     assert torch.allclose(sample_toy("2spirals", N, 1).double().mean(dim=0), torch.zeros(2, dtype=torch.float64), atol=0.05)
 
 
-@pytest.mark.parametrize("name, radii", [("circles", [1.5, 3.0]), ("rings", [0.75, 1.65, 2.4, 3.0])])
+@pytest.mark.parametrize("name, radii", [("circles", [1.5, 3.0]), ("rings", [0.75, 1.5, 2.25, 3.0])])
 def test_ring_radii(name, radii):
     radius = sample_toy(name, N, 2).norm(dim=1)
     nearest = torch.tensor(radii)[(radius[:, None] - torch.tensor(radii)).abs().argmin(dim=1)]
@@ -76,6 +76,18 @@ def test_ring_radii(name, radii):
     assert ((radius - nearest).abs() < tolerance).float().mean() > 0.99
     counts = torch.bincount((radius[:, None] - torch.tensor(radii)).abs().argmin(dim=1), minlength=len(radii))
     assert torch.allclose(counts.double() / N, torch.full((len(radii),), 1 / len(radii), dtype=torch.float64), atol=0.02)
+
+
+def test_pinwheel_arms_turn_clockwise_outwards():
+    # FFJORD's pinwheel: a point at radius 2r lies at angle -(2 pi k / 5 + 0.25 e^r), so
+    # theta + 0.25 exp(rho / 2) is a multiple of 2 pi / 5 up to the tangential noise (0.1 / r rad)
+    x = sample_toy("pinwheel", N, 4).double()
+    rho, theta = x.norm(dim=1), torch.atan2(x[:, 1], x[:, 0])
+    period = 2 * math.pi / 5
+    residual = torch.remainder(theta + 0.25 * torch.exp(rho / 2) + period / 2, period) - period / 2
+    assert residual.abs().median() < 0.1
+    mirrored = torch.remainder(-theta + 0.25 * torch.exp(rho / 2) + period / 2, period) - period / 2
+    assert mirrored.abs().median() > 0.2
 
 
 def test_checkerboard_is_on_black_squares():

@@ -121,8 +121,9 @@ def pinwheel(n: int, generator: GeneratorLike = None) -> Tensor:
     r"""Five curved arms.
 
     Arm :math:`k \in \{0..4\}`; radial coordinate :math:`r = 1 + 0.3\,\varepsilon_1`, tangential
-    :math:`t = 0.1\,\varepsilon_2`; the point :math:`(r, t)` is turned by
-    :math:`\phi = 2\pi k/5 + 0.25\, e^{r}` and scaled by 2.
+    :math:`t = 0.1\,\varepsilon_2`; the point :math:`(r, t)` is turned clockwise by
+    :math:`\phi = 2\pi k/5 + 0.25\, e^{r}`, i.e. :math:`(r\cos\phi + t\sin\phi,\ -r\sin\phi +
+    t\cos\phi)`, and scaled by 2 (the orientation of the FFJORD set).
     """
     n, g = _check_n(n), as_torch_generator(generator)
     arm = _component(n, 5, g).double()
@@ -131,7 +132,7 @@ def pinwheel(n: int, generator: GeneratorLike = None) -> Tensor:
     t = 0.1 * noise[:, 1]
     phi = 2.0 * math.pi * arm / 5.0 + 0.25 * torch.exp(r)
     cos, sin = torch.cos(phi), torch.sin(phi)
-    points = torch.stack([cos * r - sin * t, sin * r + cos * t], dim=1)
+    points = torch.stack([cos * r + sin * t, cos * t - sin * r], dim=1)
     return (2.0 * points).float()
 
 
@@ -149,13 +150,14 @@ def circles(n: int, generator: GeneratorLike = None) -> Tensor:
 
 
 def rings(n: int, generator: GeneratorLike = None) -> Tensor:
-    r"""Four concentric rings.
+    r"""Four concentric rings, equally likely.
 
     :math:`x = 3 \rho_k (\cos\theta, \sin\theta) + 0.08\,\varepsilon`,
-    :math:`\rho_k \in \{0.25, 0.55, 0.8, 1\}`, :math:`\theta \sim U[0, 2\pi)`.
+    :math:`\rho_k \in \{0.25, 0.5, 0.75, 1\}`, :math:`\theta \sim U[0, 2\pi)` (the FFJORD set,
+    which spaces the angles evenly within a batch instead of drawing them).
     """
     n, g = _check_n(n), as_torch_generator(generator)
-    radius = torch.tensor([0.25, 0.55, 0.8, 1.0], dtype=torch.float64)[_component(n, 4, g)]
+    radius = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)[_component(n, 4, g)]
     theta = _uniform(n, g, 0.0, 2.0 * math.pi)
     points = 3.0 * radius[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
     return (points + 0.08 * _normal((n, 2), g)).float()
