@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from monoflow.lipschitz import reuse_parameter_transforms
+
 __all__ = ["StandardNormal", "Flow"]
 
 
@@ -67,18 +69,20 @@ class Flow(nn.Module):
         """:math:`z = f(x)` and :math:`\\log|\\det \\partial z/\\partial x|`."""
         self._check(x, "Flow input")
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if with_logdet else None
-        for block in self.blocks:
-            x, logdet = block(x, with_logdet=with_logdet)
-            total = _add(total, logdet)
+        with reuse_parameter_transforms():  # each g's normalised weights once per pass
+            for block in self.blocks:
+                x, logdet = block(x, with_logdet=with_logdet)
+                total = _add(total, logdet)
         return x, total
 
     def inverse(self, z: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """:math:`x = f^{-1}(z)` and :math:`\\log|\\det \\partial x/\\partial z|`."""
         self._check(z, "Flow.inverse input")
         total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device) if with_logdet else None
-        for block in reversed(self.blocks):
-            z, logdet = block.inverse(z, with_logdet=with_logdet)
-            total = _add(total, logdet)
+        with reuse_parameter_transforms():
+            for block in reversed(self.blocks):
+                z, logdet = block.inverse(z, with_logdet=with_logdet)
+                total = _add(total, logdet)
         return z, total
 
     def log_prob(self, x: Tensor) -> Tensor:

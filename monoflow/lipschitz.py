@@ -20,7 +20,9 @@ iteration.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -43,6 +45,7 @@ __all__ = [
     "update_lipschitz",
     "LipschitzCertificate",
     "certify_lipschitz",
+    "reuse_parameter_transforms",
 ]
 
 ActivationSpec = Union[str, Callable[[], nn.Module]]
@@ -78,6 +81,39 @@ def _pair(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
     if min(pair) < 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+_PASS = threading.local()
+
+
+@contextlib.contextmanager
+def reuse_parameter_transforms():
+    r"""Within this context every normalised weight :math:`W/\max(1, \sigma/c)` and every pair of
+    dense-layer scales is computed once with autograd and then reused.
+
+    A flow pass evaluates each g several times with the same parameters (the graph evaluation at
+    a fixed point and the Jacobian pass of the log-det); :class:`monoflow.flows.Flow` opens this
+    context around its passes. Parameters and power-iteration vectors must not change inside it.
+    Nested contexts share the outermost cache."""
+    outermost = getattr(_PASS, "cache", None) is None
+    if outermost:
+        _PASS.cache = {}
+    try:
+        yield
+    finally:
+        if outermost:
+            _PASS.cache = None
+
+
+def _reused(owner: object, name: str, compute: Callable[[], object]):
+    """``compute()``, or its value from earlier in the same :func:`reuse_parameter_transforms`."""
+    cache = getattr(_PASS, "cache", None)
+    if cache is None:
+        return compute()
+    key = (id(owner), name)
+    if key not in cache:
+        cache[key] = (owner, compute())  # holding owner keeps id(owner) unique while cached
+    return cache[key][1]
 
 
 def _version_key(*tensors: torch.Tensor) -> Tuple[Tuple[int, int, int], ...]:
@@ -123,8 +159,7 @@ class SpectralNormLayer(nn.Module):
         ``u`` or ``v`` change (tracked by their version counters)."""
         self._require_state()
         if torch.is_grad_enabled():
-            sigma = self._sigma(self.weight)
-            return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+            return _reused(self, "normalized_weight", self._differentiable_normalized_weight)
         key = _version_key(self.weight, self.u, self.v)
         cache = self.__dict__.get("_normalized_cache")
         if cache is None or cache[0] != key:
@@ -132,6 +167,10 @@ class SpectralNormLayer(nn.Module):
             cache = (key, self.weight / torch.clamp(sigma / self.coeff, min=1.0))
             self.__dict__["_normalized_cache"] = cache
         return cache[1]
+
+    def _differentiable_normalized_weight(self) -> torch.Tensor:
+        sigma = self._sigma(self.weight)
+        return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
     def _require_state(self) -> None:
         if not self.has_power_iteration_state():
@@ -482,7 +521,7 @@ class LipschitzDenseLayer(nn.Module):
                 cache = (key, self._learned_etas())
                 self.__dict__["_eta_cache"] = cache
             return cache[1]
-        return self._learned_etas()
+        return _reused(self, "etas", self._learned_etas)
 
     def _learned_etas(self) -> Tuple[torch.Tensor, torch.Tensor]:
         eta1 = F.softplus(self.K1) + 0.1

@@ -274,7 +274,9 @@ class _SeriesEstimator(LogDetEstimator):
             if not (differentiable and self.memory_efficient and estimate.requires_grad):
                 return estimate if differentiable else estimate.detach()
             params = [p for p in g.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(estimate.sum(), [w_] + params, allow_unused=True)
+            # retain_graph: parts of the graph (normalised weights) may be shared with the rest of the
+            # pass (reuse_parameter_transforms); this graph is freed when the function returns
+            grads = torch.autograd.grad(estimate.sum(), [w_] + params, allow_unused=True, retain_graph=True)
         grad_w, param_grads = grads[0], list(grads[1:])
         param_grads = [torch.zeros_like(p) if gp is None else gp for p, gp in zip(params, param_grads)]
         return _AttachGradient.apply(estimate.detach(), w, grad_w, *params, *param_grads)

@@ -1,6 +1,7 @@
 """Tests of monoflow.lipschitz: spectral normalisation against exact singular values and dense
 convolution matrices, Jacobian propagation against autograd, certificates against empirical
 Lipschitz ratios, parameter counts of the paper's models."""
+import contextlib
 import math
 
 import pytest
@@ -352,3 +353,41 @@ def test_bad_arguments_give_clear_errors():
         dense_mlp(2, 1, 4, lambda: torch.nn.ReLU())
     with pytest.raises(ValueError, match="too small"):
         SpectralNormConv2d(1, 1, 5, padding=0)(torch.randn(1, 1, 3, 3))
+
+
+def test_reused_parameter_transforms_give_the_same_gradients():
+    # a flow pass computes each normalised weight and each pair of scales once; gradients must
+    # equal those of recomputing them at every use, and accumulating over two passes must work
+    from monoflow.flows import Flow
+    from monoflow.blocks import MonotoneBlock
+    from monoflow.lipschitz import reuse_parameter_transforms
+
+    torch.manual_seed(0)
+    g = dense_mlp(2, 2, 8, coeff=0.9)
+    set_learnable_concat(g, True)
+    flow = Flow([MonotoneBlock(g)], event_shape=(2,)).double()
+    x = torch.randn(16, 2, dtype=F64)
+    layer = g.layers[0].linear
+    with reuse_parameter_transforms():
+        assert layer.normalized_weight() is layer.normalized_weight()
+        assert g.layers[0].etas()[0] is g.layers[0].etas()[0]
+    assert layer.normalized_weight() is not layer.normalized_weight()  # outside: recomputed
+
+    flow.zero_grad()
+    flow.log_prob(x).mean().backward()
+    reused = [p.grad.clone() for p in flow.parameters()]
+    flow.log_prob(x).mean().backward()  # accumulate: a second pass, no optimiser step
+    accumulated = [p.grad.clone() for p in flow.parameters()]
+
+    import monoflow.lipschitz as lipschitz
+    original = lipschitz.reuse_parameter_transforms
+    import monoflow.flows as flows
+    flows.reuse_parameter_transforms = contextlib.nullcontext  # recompute at every use
+    try:
+        flow.zero_grad()
+        flow.log_prob(x).mean().backward()
+    finally:
+        flows.reuse_parameter_transforms = original
+    for a, b, c in zip(reused, accumulated, [p.grad for p in flow.parameters()]):
+        assert torch.allclose(a, c, atol=1e-12)
+        assert torch.allclose(b, 2 * c, atol=1e-12)

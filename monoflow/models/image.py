@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from monoflow.activations import make_activation
 from monoflow.blocks import ActNorm, MonotoneBlock, ResidualBlock
 from monoflow.flows import StandardNormal
-from monoflow.lipschitz import DenseNet, LipschitzDenseLayer, SpectralNormLinear, dense_convnet
+from monoflow.lipschitz import DenseNet, LipschitzDenseLayer, SpectralNormLinear, dense_convnet, reuse_parameter_transforms
 from monoflow.logdet import LogDetEstimator, RussianRouletteLogDet, make_estimator
 from monoflow.solvers import SolverOptions
 from monoflow.transforms import (
@@ -395,6 +395,7 @@ class ImageFlow(nn.Module):
         z = torch.cat([o.reshape(o.shape[0], -1) for o in outputs], dim=1)
         return z, total
 
+    @reuse_parameter_transforms()  # each g's normalised weights once per pass
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """Latent z (B, D) and :math:`\\log|\\det\\partial z/\\partial x|` for images x in [0, 1]."""
         if tuple(x.shape[1:]) != tuple(self.config.image_shape):
@@ -403,6 +404,7 @@ class ImageFlow(nn.Module):
         z, total = self._run_scales(x, with_logdet)
         return z, total if with_logdet else None
 
+    @reuse_parameter_transforms()
     def inverse(self, z: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """Images x in [0, 1] from latents z (B, D) and :math:`\\log|\\det\\partial x/\\partial z|`."""
         if z.dim() != 2 or z.shape[1] != self.dim:
