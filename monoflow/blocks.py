@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from monoflow.implicit import solve_resolvent
-from monoflow.logdet import CAYLEY, RESIDUAL, LogDetEstimator, LogDetSeries, make_estimator
+from monoflow.logdet import CAYLEY, RESIDUAL, ExactLogDet, LogDetEstimator, LogDetSeries, make_estimator
 from monoflow.solvers import SolverInfo, SolverOptions
 
 __all__ = [
@@ -104,9 +104,15 @@ class _ImplicitBase(FlowBlock):
     def _record(self, name: str, info: SolverInfo) -> None:
         self.last_solves[name] = info
 
-    def _solve(self, g: nn.Module, b: Tensor, sign: float, name: str, cache: Optional[dict] = None) -> Tensor:
+    def _solve(self, g: nn.Module, b: Tensor, sign: float, name: str, cache: Optional[dict] = None,
+               exact_logdet_follows: bool = False) -> Tensor:
+        """Solve ``z + sign g(z) = b``; ``exact_logdet_follows``: the exact log-det at the solution
+        will put the Jacobian in ``cache`` (otherwise a direct adjoint takes it from the solve)."""
         return solve_resolvent(g, b, sign, self.solver, self.adjoint, record=self._record, name=name,
-                               jacobian_cache=cache)
+                               jacobian_cache=cache, jacobian_at_solution=not exact_logdet_follows)
+
+    def _exact_logdet(self, with_logdet: bool) -> bool:
+        return with_logdet and isinstance(self.logdet_estimator, ExactLogDet)
 
     def _logdet(self, g: nn.Module, w: Tensor, series: LogDetSeries, with_logdet: bool,
                 cache: Optional[dict] = None) -> Optional[Tensor]:
@@ -164,13 +170,13 @@ class MonotoneBlock(_SingleNetworkBlock):
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "MonotoneBlock input")
         cache: dict = {}  # the exact log-det's Jacobian at w, reused by a direct adjoint
-        w = self._solve(self.g, SQRT2 * x, 1.0, "forward", cache)
+        w = self._solve(self.g, SQRT2 * x, 1.0, "forward", cache, self._exact_logdet(with_logdet))
         return SQRT2 * w - x, self._logdet(self.g, w, CAYLEY, with_logdet, cache)
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "MonotoneBlock.inverse input")
         cache: dict = {}
-        w = self._solve(self.g, SQRT2 * y, -1.0, "inverse", cache)
+        w = self._solve(self.g, SQRT2 * y, -1.0, "inverse", cache, self._exact_logdet(with_logdet))
         return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet, cache)
 
 
@@ -190,7 +196,7 @@ class ResidualBlock(_SingleNetworkBlock):
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ResidualBlock.inverse input")
         cache: dict = {}
-        x = self._solve(self.g, y, 1.0, "inverse", cache)
+        x = self._solve(self.g, y, 1.0, "inverse", cache, self._exact_logdet(with_logdet))
         return x, self._logdet(self.g, x, RESIDUAL.negated(), with_logdet, cache)
 
 
@@ -215,14 +221,14 @@ class ImplicitBlock(_ImplicitBase):
         _check_input(x, "ImplicitBlock input")
         cache: dict = {}
         g1_x, logdet1 = self._value_and_logdet(self.g1, x, RESIDUAL, with_logdet)
-        y = self._solve(self.g2, x + g1_x, 1.0, "forward", cache)
+        y = self._solve(self.g2, x + g1_x, 1.0, "forward", cache, self._exact_logdet(with_logdet))
         return y, self._pair(logdet1, self._logdet(self.g2, y, RESIDUAL.negated(), with_logdet, cache))
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ImplicitBlock.inverse input")
         cache: dict = {}
         g2_y, logdet2 = self._value_and_logdet(self.g2, y, RESIDUAL, with_logdet)
-        x = self._solve(self.g1, y + g2_y, 1.0, "inverse", cache)
+        x = self._solve(self.g1, y + g2_y, 1.0, "inverse", cache, self._exact_logdet(with_logdet))
         return x, self._pair(self._logdet(self.g1, x, RESIDUAL.negated(), with_logdet, cache), logdet2)
 
 

@@ -79,6 +79,7 @@ def solve_resolvent(
     record: StatsSink = None,
     name: str = "forward",
     jacobian_cache: Optional[dict] = None,
+    jacobian_at_solution: bool = False,
 ) -> Tensor:
     r"""Solve :math:`z + s\,g(z) = b` with implicit-function gradients.
 
@@ -93,6 +94,10 @@ def solve_resolvent(
         name: the label passed to ``record`` for the solve.
         jacobian_cache: a dict in which a log-det estimator may leave the (detached) Jacobian at
             the solution under ``"jacobian"``; the ``"direct"`` adjoint then reuses it.
+        jacobian_at_solution: with the ``"direct"`` adjoint and a g that propagates Jacobians,
+            take the Jacobian from the graph evaluation at the solution (``g.jacobian``: one
+            pass instead of a second one in the backward); for callers whose log-det estimator
+            will not supply it.
 
     Returns:
         z, differentiable with respect to ``b`` and the parameters of g.
@@ -117,7 +122,12 @@ def solve_resolvent(
     # One evaluation of g at the solution carries the graph to b and the parameters; its
     # dependence on z_leaf serves the vector-Jacobian products of the adjoint solve.
     z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct")
-    g_star = g(z_leaf)
+    if jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian") and z_leaf.dim() == 2:
+        g_star, J = g.jacobian(z_leaf)
+        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
+        jacobian_cache["jacobian"] = J.detach()
+    else:
+        g_star = g(z_leaf)
     z = b - sign * g_star
 
     def adjoint_hook(v: Optional[Tensor]) -> Optional[Tensor]:
