@@ -67,14 +67,19 @@ def sub_phase_timers(timers: Dict[str, float]):
     import monoflow.implicit as implicit
     from monoflow import logdet
 
+    depth: Dict[str, int] = {}
+
     def timed(function: Callable, name: str) -> Callable:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            depth[name] = depth.get(name, 0) + 1  # nested calls of one label count once
             tick = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                timers[name] += time.perf_counter() - tick
+                depth[name] -= 1
+                if depth[name] == 0:
+                    timers[name] += time.perf_counter() - tick
         return wrapper
 
     patches = [(implicit, "fixed_point_solve", "solves (forward and iterative adjoint)"),
