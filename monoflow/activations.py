@@ -79,6 +79,16 @@ def _times_exp(polynomial: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return polynomial * torch.exp(t)
 
 
+def _value_polynomial(t: torch.Tensor, k: float) -> torch.Tensor:
+    """(t^3/2 - t^2 + t) / k: Pila(x) = this times e^t for x <= 0."""
+    return ((t / 2 - 1) * t + 1) * t / k
+
+
+def _slope_polynomial(t: torch.Tensor) -> torch.Tensor:
+    """t^3/2 + t^2/2 - t + 1: Pila'(x) = this times e^t for x <= 0."""
+    return ((t / 2 + 0.5) * t - 1) * t + 1
+
+
 def pila(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
     r"""Pila activation: :math:`x` for :math:`x > 0`, :math:`(t^3/2 - t^2 + t)e^t / k` with
     :math:`t = kx` for :math:`x \le 0`. Differentiable by autograd; never evaluates
@@ -89,7 +99,7 @@ def pila(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
     """
     k = _check_k(k)
     t = _negative_part_t(x, k)
-    negative = _times_exp(((t / 2 - 1) * t + 1) * t / k, t)
+    negative = _times_exp(_value_polynomial(t, k), t)
     return torch.where(x > 0, x, negative)
 
 
@@ -99,7 +109,7 @@ def pila_derivative(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
     """
     k = _check_k(k)
     t = _negative_part_t(x, k)
-    negative = _times_exp(((t / 2 + 0.5) * t - 1) * t + 1, t)
+    negative = _times_exp(_slope_polynomial(t), t)
     return torch.where(x > 0, torch.ones_like(x), negative)
 
 
@@ -180,8 +190,8 @@ class _PilaValueAndDerivative(torch.autograd.Function):
         t = _negative_part_t(x, k)
         e = torch.exp(t)
         positive = x > 0
-        value = torch.where(positive, x, ((t / 2 - 1) * t + 1) * t * e / k)
-        slope = torch.where(positive, 1.0, (((t / 2 + 0.5) * t - 1) * t + 1) * e)
+        value = torch.where(positive, x, _value_polynomial(t, k) * e)
+        slope = torch.where(positive, 1.0, _slope_polynomial(t) * e)
         ctx.save_for_backward(x, slope)
         ctx.k = k
         return value, slope
