@@ -352,11 +352,18 @@ class LipSwish(nn.Module):
         return F.softplus(self.b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _lipswish(x, self.beta)
+        return self.forward_with_beta(x, self.beta)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise derivative (differentiable in x and in b)."""
-        return _lipswish_derivative(x, self.beta)
+        return self.derivative_with_beta(x, self.beta)
+
+    def forward_with_beta(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """The activation with a given :math:`\\beta` (a scalar, or one per row of ``x``)."""
+        return _lipswish(x, beta)
+
+    def derivative_with_beta(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return _lipswish_derivative(x, beta)
 
 
 class CLipSwish(LipSwish):
@@ -369,15 +376,13 @@ class CLipSwish(LipSwish):
     lipschitz_constant: float = 0.99997
     scale: float = 1.004
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_beta(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         _check_concat_input(x, "CLipSwish")
-        beta = self.beta
         return torch.cat([_lipswish(x, beta), _lipswish(-x, beta)], dim=1) / self.scale
 
-    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+    def derivative_with_beta(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         r""":math:`[f'(x), -f'(-x)] / 1.004` along dim 1."""
         _check_concat_input(x, "CLipSwish")
-        beta = self.beta
         first = _lipswish_derivative(x, beta)
         second = -_lipswish_derivative(-x, beta)
         return torch.cat([first, second], dim=1) / self.scale

@@ -46,6 +46,7 @@ __all__ = [
     "LipschitzCertificate",
     "certify_lipschitz",
     "reuse_parameter_transforms",
+    "dense_layer_output",
 ]
 
 ActivationSpec = Union[str, Callable[[], nn.Module]]
@@ -488,6 +489,45 @@ def _check_activation_interface(module: nn.Module) -> None:
         )
 
 
+def _scale(eta: Union[torch.Tensor, float], t: torch.Tensor) -> torch.Tensor:
+    """``eta * t`` for a scalar eta, or one eta per row (shape (rows, 1)) against t (rows, ...)."""
+    if isinstance(eta, torch.Tensor) and eta.dim() > 0:
+        return eta.view((eta.shape[0],) + (1,) * (t.dim() - 1)) * t
+    return eta * t
+
+
+def dense_layer_output(
+    activation: nn.Module,
+    x: torch.Tensor,
+    pre: torch.Tensor,
+    eta1: Union[torch.Tensor, float],
+    eta2: Union[torch.Tensor, float],
+    jac: Optional[torch.Tensor] = None,
+    pre_jac: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    r"""The dense layer after its linear map: :math:`[\eta_1 x,\ \eta_2\, a(h)]` along dim 1 for
+    the pre-activation :math:`h` = ``pre``, and with the transposed Jacobians ``jac`` of x and
+    ``pre_jac`` of h (B, d, channels) also :math:`[\eta_1 J,\ \eta_2\, a'(h) \odot J_h]` along
+    dim 2 (else ``None``). ``eta1``, ``eta2`` are scalars or one value per row (rows, 1); ``beta``
+    (LipSwish-type activations only) overrides the activation's own parameter, per row."""
+    if beta is not None:
+        value = activation.forward_with_beta(pre, beta)
+        slope = None if jac is None else activation.derivative_with_beta(pre, beta)
+    elif jac is None:
+        value, slope = activation(pre), None
+    elif hasattr(activation, "value_and_derivative"):
+        value, slope = activation.value_and_derivative(pre)
+    else:
+        value, slope = activation(pre), activation.derivative(pre)
+    out = torch.cat([_scale(eta1, x), _scale(eta2, value)], dim=1)
+    if jac is None:
+        return out, None
+    if activation.concatenates:
+        pre_jac = torch.cat([pre_jac, pre_jac], dim=2)
+    return out, torch.cat([_scale(eta1, jac), _scale(eta2, slope.unsqueeze(1) * pre_jac)], dim=2)
+
+
 class LipschitzDenseLayer(nn.Module):
     r"""Dense (concatenating) layer :math:`x \mapsto [\eta_1 x,\ \eta_2\, a(\mathrm{layer}(x))]`
     along dim 1, with :math:`\eta_i = \mathrm{softplus}(K_i) + 0.1` rescaled to
@@ -531,7 +571,7 @@ class LipschitzDenseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eta1, eta2 = self.etas()
-        return torch.cat([eta1 * x, eta2 * self.activation(self.linear(x))], dim=1)
+        return dense_layer_output(self.activation, x, self.linear(x), eta1, eta2)[0]
 
     def forward_with_jacobian(self, x: torch.Tensor, jac: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""Output and its Jacobian for flat inputs: with :math:`h = \bar W x + b`,
@@ -542,14 +582,7 @@ class LipschitzDenseLayer(nn.Module):
             raise ValueError(f"{type(self.linear).__name__} does not support Jacobian propagation")
         eta1, eta2 = self.etas()
         pre, pre_jac = self.linear.forward_with_jacobian(x, jac)
-        if self.activation.concatenates:
-            pre_jac = torch.cat([pre_jac, pre_jac], dim=2)
-        if hasattr(self.activation, "value_and_derivative"):
-            value, slope = self.activation.value_and_derivative(pre)
-        else:
-            value, slope = self.activation(pre), self.activation.derivative(pre)
-        out = torch.cat([eta1 * x, eta2 * value], dim=1)
-        return out, torch.cat([eta1 * jac, eta2 * (slope.unsqueeze(1) * pre_jac)], dim=2)
+        return dense_layer_output(self.activation, x, pre, eta1, eta2, jac, pre_jac)  # type: ignore[return-value]
 
     def _bound(self, linear_norm: float) -> float:
         with torch.no_grad():

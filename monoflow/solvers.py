@@ -7,7 +7,7 @@ its own once
 
 with :math:`n` the number of elements of one sample, so ``atol`` is a per-element tolerance and
 ``rtol`` is relative to the size of the solution (never to the starting point). Converged samples
-are frozen and no longer evaluated. What happens when a sample does not converge within
+are frozen and no longer evaluated (unless ``freeze_converged=False``). What happens when a sample does not converge within
 ``max_iterations`` is the caller's choice (``on_failure``): ``"warn"`` (default), ``"raise"``
 (:class:`SolverError`) or ``"nan"`` (the unconverged samples are set to NaN). It is never silent:
 :class:`SolverInfo` always reports iterations, residuals and convergence per sample.
@@ -73,6 +73,10 @@ class SolverOptions:
         history: number of past iterates Anderson mixes.
         regularization: relative Tikhonov term of Anderson's least-squares problem.
         on_failure: ``"warn"``, ``"raise"`` or ``"nan"`` for samples that do not converge.
+        freeze_converged: stop evaluating samples once they converge (default). With ``False``
+            f always sees the whole batch and the solve ends when every sample meets its
+            tolerance at the same iterate (for maps that couple rows by position, such as an
+            ensemble of networks that sends each block of rows to its own member).
     """
 
     method: str = "anderson"
@@ -82,6 +86,7 @@ class SolverOptions:
     history: int = 5
     regularization: float = 1e-8
     on_failure: str = "warn"
+    freeze_converged: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -216,7 +221,7 @@ def fixed_point_solve(
             converged[active] = done
         if bool(done.all()):
             break
-        if bool(done.any()):
+        if options.freeze_converged and bool(done.any()):
             keep = ~done
             active, x, fx, X, F = active[keep], x[keep], fx[keep], X[keep], F[keep]
             if index is None:  # from here on the outputs are written by index

@@ -114,6 +114,21 @@ def _print_table(table: Any) -> None:
         print(table.to_string(index=False))
 
 
+def _train_together(configs: Sequence[Any], args: argparse.Namespace) -> None:
+    """Per model, the runs not finished or started alone, trained as one ensemble."""
+    from monoflow.experiments.toy2d_ensemble import pending_members, run_toy_ensemble
+
+    for model in args.models:
+        pending = pending_members([c for c in configs if c.model == model], args.output)
+        if len(pending) < 2:
+            continue  # one run alone is an ordinary run
+        names = ", ".join(f"{c.dataset}:{c.seed}" for c in pending)
+        print(f"[together] {model}: {len(pending)} runs as one ensemble ({names})", flush=True)
+        record = run_toy_ensemble(pending, args.output, args.device, progress=not args.no_progress)
+        for member in record.get("members", []):
+            print(f"    {member['dataset']} seed {member['seed']}: nll_nats={member['final_metric']:.4f}", flush=True)
+
+
 def _table1(args: argparse.Namespace) -> int:
     from monoflow.experiments import ToyConfig, run_toy, toy_config, toy_table, write_tables
     from monoflow.experiments.figures import plot_toy_grid
@@ -126,6 +141,8 @@ def _table1(args: argparse.Namespace) -> int:
         for dataset in args.datasets
         for model in args.models
     ]
+    if args.together:
+        _train_together(configs, args)
     for index, config in enumerate(configs, start=1):
         print(f"[{index}/{len(configs)}] {config.model} on {config.dataset}, seed {config.seed}", flush=True)
         record = run_toy(config, args.output, args.device, progress=not args.no_progress)
@@ -234,6 +251,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="DATASET", help=f"data sets (default: all of {', '.join(TOY_DATASETS)})")
     parser.add_argument("--models", nargs="+", choices=TOY_MODELS, default=["idensenet", "monotone"],
                         metavar="MODEL", help=f"models among {', '.join(TOY_MODELS)} (default: idensenet monotone)")
+    parser.add_argument("--together", action="store_true",
+                        help="train the unfinished runs of each model together as one batched model "
+                        "(monoflow.ensemble): every run as if alone up to rounding, but one process "
+                        "and one pass per iteration for all of them; the ensemble's checkpoint and log "
+                        "are in OUTPUT/ensembles/, each run's results in its usual folder")
     _add_common(parser, seeds=True)
     parser.set_defaults(handler=_table1)
 

@@ -43,6 +43,7 @@ __all__ = [
     "ToyConfig",
     "RegressionConfig",
     "toy_config",
+    "ToyEnsembleConfig",
     "regression_config",
     "parse_overrides",
     "config_from_dict",
@@ -206,6 +207,53 @@ class RegressionConfig(_Schedule):
     @property
     def experiment(self) -> str:
         return "regression1d"
+
+
+#: Fields in which the members of an ensemble may differ (all others are shared).
+ENSEMBLE_MEMBER_FIELDS = ("dataset", "seed")
+
+
+@dataclass(frozen=True)
+class ToyEnsembleConfig:
+    """Several 2-D runs trained together as one batched model (``monoflow.ensemble``).
+
+    The members are ordinary :class:`ToyConfig` runs that differ only in data set and seed; every
+    other field (model, schedule, evaluation) is shared and readable on the ensemble itself, e.g.
+    ``ensemble.iterations``. Each member's results are those of its own run folder.
+    """
+
+    members: Tuple[ToyConfig, ...]
+
+    def __post_init__(self) -> None:
+        members = tuple(self.members)
+        object.__setattr__(self, "members", members)
+        if not members or not all(isinstance(m, ToyConfig) for m in members):
+            raise ValueError("an ensemble needs at least one ToyConfig member")
+        shared = [f.name for f in fields(ToyConfig) if f.name not in ENSEMBLE_MEMBER_FIELDS]
+        for member in members[1:]:
+            differing = [name for name in shared if getattr(member, name) != getattr(members[0], name)]
+            if differing:
+                raise ValueError(
+                    "ensemble members may differ only in dataset and seed; "
+                    f"{member.dataset} seed {member.seed} differs in {', '.join(differing)}"
+                )
+        keys = [(m.dataset, m.seed) for m in members]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"ensemble members repeat a (dataset, seed) pair: {keys}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "members" or name in ENSEMBLE_MEMBER_FIELDS or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.members[0], name)
+
+    @property
+    def seed(self) -> int:
+        """The first member's seed (the ensemble's own, unused, random streams derive from it)."""
+        return self.members[0].seed
+
+    @property
+    def experiment(self) -> str:
+        return "toy2d_ensemble"
 
 
 # Preset values that differ from the dataclass defaults (the defaults are the paper's settings).

@@ -56,7 +56,8 @@ from monoflow.experiments.results import (
 from monoflow.lipschitz import set_learnable_concat, update_lipschitz
 from monoflow.provenance import provenance
 
-__all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "train", "training_step", "TIMED_PHASES"]
+__all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "run_record", "train", "training_step",
+           "TIMED_PHASES", "RunState", "set_seeds"]
 
 Config = Union[ToyConfig, RegressionConfig]
 #: Phases of one training iteration whose wall time is measured separately.
@@ -85,6 +86,11 @@ class Experiment(Protocol):
     def finalize(self, model: nn.Module, run_dir: Path, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
         """Write the figure (and its data); return extra entries for run.json."""
 
+    # Optional: ``random_streams() -> Dict[str, torch.Generator]``, generators of the experiment's
+    # own that the checkpoint must save and restore (an ensemble's per-member streams), and
+    # ``log_test(test)``, called after each test, and ``record_members(state, device) -> Dict``,
+    # called after ``finalize`` with the run's state.
+
 
 def derived_seed(seed: int, stream: str) -> int:
     """A 63-bit seed for the named random stream of a run (independent streams per seed)."""
@@ -105,7 +111,9 @@ class RunLog:
 
 
 @dataclass
-class _State:
+class RunState:
+    """Progress of a run, saved in its checkpoint: steps, tests, wall time and phase timers."""
+
     step: int = 0
     tests: List[Dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -131,7 +139,8 @@ def _check_same_config(stored: Dict[str, Any], current: Dict[str, Any], where: P
         )
 
 
-def _set_seeds(seed: int) -> None:
+def set_seeds(seed: int) -> None:
+    """Seed the global torch, numpy and Python generators (model initialisation)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -223,19 +232,21 @@ def train(
     data_generator = torch.Generator().manual_seed(derived_seed(config.seed, "train"))
     test_generator = torch.Generator().manual_seed(derived_seed(config.seed, "test"))
     figure_generator = torch.Generator().manual_seed(derived_seed(config.seed, "figure"))
+    streams = {"data": data_generator, "test": test_generator, "figure": figure_generator}
+    streams.update(getattr(experiment, "random_streams", dict)())
 
-    _set_seeds(config.seed)
+    set_seeds(config.seed)
     model = experiment.build_model().to(device)
     optimizer = make_optimizer(model, config)
-    state = _State()
+    state = RunState()
 
     if checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
         _check_same_config(checkpoint["config"], config_dict, run_dir)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        state = _State(**checkpoint["state"])
-        restore_rng_state(checkpoint["rng"], data=data_generator, test=test_generator, figure=figure_generator)
+        state = RunState(**checkpoint["state"])
+        restore_rng_state(checkpoint["rng"], **streams)
         log(f"resumed from {checkpoint_path.name} at iteration {state.step}")
     else:
         log(f"start {config.experiment} {config_dict}")
@@ -254,7 +265,7 @@ def train(
                     "test_time_s": state.test_time_s,
                     "timers": dict(state.timers),
                 },
-                "rng": capture_rng_state(data=data_generator, test=test_generator, figure=figure_generator),
+                "rng": capture_rng_state(**streams),
             },
         )
 
@@ -309,6 +320,8 @@ def train(
                     "train_solver": train_solver,
                 }
                 state.tests.append(to_jsonable(result))
+                if hasattr(experiment, "log_test"):
+                    experiment.log_test(state.tests[-1])
                 state.test_time_s += time.perf_counter() - tick
                 log(
                     f"test iteration {state.step}: {experiment.metric_name}={result['metric']:.6f} "
@@ -326,16 +339,20 @@ def train(
     save()
     model.eval()
     extra = experiment.finalize(model, run_dir, figure_generator, device)
-    record = _record(experiment, model, state, device, extra)
+    if hasattr(experiment, "record_members"):
+        extra["members"] = experiment.record_members(state, device)
+    record = run_record(experiment, model, state, device, extra)
     write_run(run_dir, record)
     record["run_dir"] = str(run_dir)
     log(f"finished: {experiment.metric_name}={record['final_metric']:.6f} wall_time={record['timing']['wall_time_s']:.1f}s")
     return record
 
 
-def _record(
-    experiment: Experiment, model: nn.Module, state: _State, device: torch.device, extra: Dict[str, Any]
+def run_record(
+    experiment: Experiment, model: nn.Module, state: RunState, device: torch.device, extra: Dict[str, Any]
 ) -> Dict[str, Any]:
+    """The content of run.json: metric (mean of the last ``report_last`` tests), test curve,
+    configuration, parameter count, provenance and timing, plus ``extra``."""
     config = experiment.config
     used = state.tests[-config.report_last :]
     final = float(np.mean([test["metric"] for test in used]))
