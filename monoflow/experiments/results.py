@@ -179,11 +179,12 @@ def _aggregate(runs: List[Dict[str, Any]], keys: List[str]) -> pd.DataFrame:
             "metric": run["final_metric"],
             "iterations": run["timing"]["iterations"],
             "wall_time_s": run["timing"]["wall_time_s"],
+            "trained_together": (run.get("ensemble") or {}).get("size", 1),
             "device": run["provenance"]["device"],
         }
         for run in runs
     ]
-    columns = keys + ["seeds", "metric_mean", "metric_std", "iterations", "wall_time_s", "device"]
+    columns = keys + ["seeds", "metric_mean", "metric_std", "iterations", "wall_time_s", "trained_together", "device"]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
@@ -194,6 +195,7 @@ def _aggregate(runs: List[Dict[str, Any]], keys: List[str]) -> pd.DataFrame:
         metric_std=("metric", "std"),
         iterations=("iterations", "max"),
         wall_time_s=("wall_time_s", "mean"),
+        trained_together=("trained_together", "max"),
         device=("device", lambda devices: ", ".join(sorted(set(devices)))),
     )
     return table.reset_index()[columns]
@@ -204,7 +206,8 @@ def toy_table(results_dir: PathLike = "results", preset: Optional[str] = None) -
 
     Columns: dataset, model, preset, seeds (number of seeds), nll_nats_mean, nll_nats_std (over
     seeds; NaN for one seed), paper_nats (NaN for models the paper does not report),
-    difference (ours - paper), iterations, wall_time_s (mean over seeds), device.
+    difference (ours - paper), iterations, wall_time_s (mean over seeds), trained_together (the
+    largest number of runs trained as one ensemble, whose wall time is shared; 1: alone), device.
     """
     runs = find_runs(results_dir, "toy2d", preset)
     table = _aggregate(runs, ["dataset", "model", "preset"])
@@ -212,7 +215,7 @@ def toy_table(results_dir: PathLike = "results", preset: Optional[str] = None) -
     table = table.merge(paper_toy_numbers(), on=["dataset", "model"], how="left")
     table["difference"] = table["nll_nats_mean"] - table["paper_nats"]
     columns = ["dataset", "model", "preset", "seeds", "nll_nats_mean", "nll_nats_std", "paper_nats",
-               "difference", "iterations", "wall_time_s", "device"]
+               "difference", "iterations", "wall_time_s", "trained_together", "device"]
     return table[columns].reset_index(drop=True)
 
 
