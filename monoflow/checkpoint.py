@@ -9,11 +9,13 @@ previous checkpoint intact.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterator, Union
 
 import numpy as np
 import torch
@@ -25,6 +27,8 @@ __all__ = [
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
+    "StopRequest",
+    "stop_on_signals",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -92,3 +96,38 @@ def restore_rng_state(state: Dict[str, Any], **generators: torch.Generator) -> N
         if name not in state["generators"]:
             raise ValueError(f"checkpoint has no state for generator {name!r}")
         generator.set_state(state["generators"][name])
+
+
+class StopRequest:
+    """Whether SIGTERM or SIGINT arrived while :func:`stop_on_signals` was active."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: Union[int, None] = None
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Within this context SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) do not kill the
+    process but set ``request.requested``: a training loop checks it after each step, writes a
+    checkpoint and returns. The previous handlers come back on exit; outside the main thread
+    (where Python cannot install handlers) nothing is installed."""
+    request = StopRequest()
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        request.requested, request.signal = True, signum
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

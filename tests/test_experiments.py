@@ -231,6 +231,36 @@ def test_crash_resumes_from_time_based_checkpoint(tmp_path):
     assert "resumed from checkpoint.pt at iteration 5" in (tmp_path / "crashed" / "train.log").read_text()
 
 
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    """SIGTERM (a scheduler's preemption) mid-run: the loop finishes the step, saves, returns
+    ``interrupted``; the same call resumes and ends exactly as an uninterrupted run."""
+    import os
+    import signal
+
+    from monoflow.experiments.toy2d import ToyExperiment
+    from monoflow.experiments.train import train
+
+    class Preempted(ToyExperiment):
+        def evaluate(self, model, generator, device):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().evaluate(model, generator, device)
+
+    config = toy_config("quick", dataset="moons", **TINY_TOY)
+    preempted = Preempted(config)
+    preempted.sent = False
+    handler_before = signal.getsignal(signal.SIGTERM)
+    stopped = train(preempted, tmp_path / "stopped", progress=False)
+    assert stopped["status"] == "interrupted" and stopped["signal"] == signal.SIGTERM and stopped["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    assert not (tmp_path / "stopped" / "run.json").exists()
+    assert "stopped at iteration 3 (signal" in (tmp_path / "stopped" / "train.log").read_text()
+    resumed = train(ToyExperiment(config), tmp_path / "stopped", progress=False)
+    whole = train(ToyExperiment(config), tmp_path / "whole", progress=False)
+    assert [t["metric"] for t in resumed["tests"]] == [t["metric"] for t in whole["tests"]]
+
+
 def test_evaluate_and_sample_checkpoint(results):
     _, records = results
     run_dir = records[("toy2d", "idensenet")]["run_dir"]

@@ -77,6 +77,11 @@ def _summary(record: Dict[str, Any]) -> str:
     )
 
 
+def _exit_code(record: Dict[str, Any]) -> int:
+    """0, or 128 + the signal that stopped the run (it saved a checkpoint first)."""
+    return 128 + int(record["signal"]) if record.get("signal") else 0
+
+
 def _toy2d(args: argparse.Namespace) -> int:
     from monoflow.experiments import ToyConfig, run_toy, toy_config
     from monoflow.experiments.results import run_directory
@@ -86,7 +91,7 @@ def _toy2d(args: argparse.Namespace) -> int:
     record = run_toy(config, args.output, args.device, progress=not args.no_progress, stop_after=args.stop_after)
     record.setdefault("run_dir", str(run_directory(config, args.output)))
     print(_summary(record))
-    return 0
+    return _exit_code(record)
 
 
 def _regression1d(args: argparse.Namespace) -> int:
@@ -98,7 +103,7 @@ def _regression1d(args: argparse.Namespace) -> int:
     record = run_regression(config, args.output, args.device, progress=not args.no_progress, stop_after=args.stop_after)
     record.setdefault("run_dir", str(run_directory(config, args.output)))
     print(_summary(record))
-    return 0
+    return _exit_code(record)
 
 
 def _close(figure: Any) -> None:
@@ -114,8 +119,9 @@ def _print_table(table: Any) -> None:
         print(table.to_string(index=False))
 
 
-def _train_together(configs: Sequence[Any], args: argparse.Namespace) -> None:
-    """Per model, the runs not finished or started alone, trained as one ensemble."""
+def _train_together(configs: Sequence[Any], args: argparse.Namespace) -> int:
+    """Per model, the runs not finished or started alone, trained as one ensemble. Returns
+    :func:`_exit_code` of an ensemble stopped by a signal, else 0."""
     from monoflow.experiments.toy2d_ensemble import pending_members, run_toy_ensemble
 
     for model in args.models:
@@ -125,8 +131,12 @@ def _train_together(configs: Sequence[Any], args: argparse.Namespace) -> None:
         names = ", ".join(f"{c.dataset}:{c.seed}" for c in pending)
         print(f"[together] {model}: {len(pending)} runs as one ensemble ({names})", flush=True)
         record = run_toy_ensemble(pending, args.output, args.device, progress=not args.no_progress)
+        if record.get("status") != "finished":
+            print("    " + _summary(record), flush=True)
+            return _exit_code(record)
         for member in record.get("members", []):
             print(f"    {member['dataset']} seed {member['seed']}: nll_nats={member['final_metric']:.4f}", flush=True)
+    return 0
 
 
 def _table1(args: argparse.Namespace) -> int:
@@ -142,11 +152,15 @@ def _table1(args: argparse.Namespace) -> int:
         for model in args.models
     ]
     if args.together:
-        _train_together(configs, args)
+        stopped = _train_together(configs, args)
+        if stopped:
+            return stopped
     for index, config in enumerate(configs, start=1):
         print(f"[{index}/{len(configs)}] {config.model} on {config.dataset}, seed {config.seed}", flush=True)
         record = run_toy(config, args.output, args.device, progress=not args.no_progress)
         print("    " + _summary(record), flush=True)
+        if record.get("status") != "finished":
+            return _exit_code(record)
     write_tables(args.output, args.preset)
     figure = plot_toy_grid(args.output, args.preset, args.models, args.datasets, seed=args.seeds[0])
     figure_path = Path(args.output) / "toy2d" / args.preset / "figure5.png"
@@ -173,6 +187,8 @@ def _figure4(args: argparse.Namespace) -> int:
         print(f"[{index}/{len(configs)}] {config.model}, seed {config.seed}", flush=True)
         record = run_regression(config, args.output, args.device, progress=not args.no_progress)
         print("    " + _summary(record), flush=True)
+        if record.get("status") != "finished":
+            return _exit_code(record)
     write_tables(args.output, args.preset)
     figure = plot_regression_fits(args.output, args.preset, args.models, seed=args.seeds[0])
     figure_path = Path(args.output) / "regression1d" / args.preset / "figure4.png"

@@ -36,6 +36,7 @@ from monoflow.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    stop_on_signals,
 )
 from monoflow.experiments.config import (
     RegressionConfig,
@@ -213,7 +214,8 @@ def train(
 
     Returns:
         The run record (the content of run.json) when finished, else
-        ``{"status": "interrupted", "step": ..., "tests": [...], ...}``.
+        ``{"status": "interrupted", "step": ..., "tests": [...], "signal": ...}`` (after
+        ``stop_after`` iterations, or a SIGTERM / SIGINT, which saves a checkpoint first).
     """
     config = experiment.config
     config_dict = config_to_dict(config)
@@ -282,58 +284,61 @@ def train(
         desc=f"{config.experiment} {config.model}",
         dynamic_ncols=True,
     )
-    try:
-        while state.step < config.iterations:
-            if stop_after is not None and state.step >= stop_after:
-                state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
-                save()
-                log(f"stopped at iteration {state.step} (stop_after={stop_after})")
-                return {"status": "interrupted", "step": state.step, "tests": state.tests, "run_dir": str(run_dir)}
+    with stop_on_signals() as stop:
+        try:
+            while state.step < config.iterations:
+                if (stop_after is not None and state.step >= stop_after) or stop.requested:
+                    state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
+                    save()
+                    reason = f"signal {stop.signal}" if stop.requested else f"stop_after={stop_after}"
+                    log(f"stopped at iteration {state.step} ({reason}); rerun the same command to resume")
+                    return {"status": "interrupted", "step": state.step, "tests": state.tests, "run_dir": str(run_dir),
+                            "signal": stop.signal}
 
-            model.train()
-            if not learnable and state.step >= config.learnable_concat_from:
-                learnable = True
-                set_learnable_concat(model, True)
-                log(f"learnable concatenation on at iteration {state.step}")
-            loss = training_step(experiment, model, optimizer, data_generator, device, state.step, state.timers)
-            if not torch.isfinite(loss):
-                message = f"loss {loss.item()} at iteration {state.step + 1}"
-                log(f"diverged: {message}")
-                raise RuntimeError(f"training diverged ({message}); see {run_dir / LOG_NAME}")
-            state.step += 1
+                model.train()
+                if not learnable and state.step >= config.learnable_concat_from:
+                    learnable = True
+                    set_learnable_concat(model, True)
+                    log(f"learnable concatenation on at iteration {state.step}")
+                loss = training_step(experiment, model, optimizer, data_generator, device, state.step, state.timers)
+                if not torch.isfinite(loss):
+                    message = f"loss {loss.item()} at iteration {state.step + 1}"
+                    log(f"diverged: {message}")
+                    raise RuntimeError(f"training diverged ({message}); see {run_dir / LOG_NAME}")
+                state.step += 1
 
-            train_solver = None
-            if state.step in tests_at or state.step % 10 == 0 or state.step == 1:
-                train_solver = summarize_solver(solver_stats(model), kinds=("forward", "adjoint"))
-                bar.set_postfix(loss=f"{loss.item():.4f}", solver_iters=train_solver.get("forward_iterations_mean", "-"))
-            bar.update(1)
+                train_solver = None
+                if state.step in tests_at or state.step % 10 == 0 or state.step == 1:
+                    train_solver = summarize_solver(solver_stats(model), kinds=("forward", "adjoint"))
+                    bar.set_postfix(loss=f"{loss.item():.4f}", solver_iters=train_solver.get("forward_iterations_mean", "-"))
+                bar.update(1)
 
-            if state.step in tests_at:
-                tick = time.perf_counter()
-                model.eval()
-                result = experiment.evaluate(model, test_generator, device)
-                result = {
-                    "iteration": state.step,
-                    "train_loss": float(loss.item()),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **result,
-                    "train_solver": train_solver,
-                }
-                state.tests.append(to_jsonable(result))
-                if hasattr(experiment, "log_test"):
-                    experiment.log_test(state.tests[-1])
-                state.test_time_s += time.perf_counter() - tick
-                log(
-                    f"test iteration {state.step}: {experiment.metric_name}={result['metric']:.6f} "
-                    f"train_loss={result['train_loss']:.6f} roundtrip={result['roundtrip_max_abs_error']:.3e}"
-                )
+                if state.step in tests_at:
+                    tick = time.perf_counter()
+                    model.eval()
+                    result = experiment.evaluate(model, test_generator, device)
+                    result = {
+                        "iteration": state.step,
+                        "train_loss": float(loss.item()),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        **result,
+                        "train_solver": train_solver,
+                    }
+                    state.tests.append(to_jsonable(result))
+                    if hasattr(experiment, "log_test"):
+                        experiment.log_test(state.tests[-1])
+                    state.test_time_s += time.perf_counter() - tick
+                    log(
+                        f"test iteration {state.step}: {experiment.metric_name}={result['metric']:.6f} "
+                        f"train_loss={result['train_loss']:.6f} roundtrip={result['roundtrip_max_abs_error']:.3e}"
+                    )
 
-            if time.perf_counter() - last_save >= config.checkpoint_every_s:
-                state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
-                save()
-                last_save = time.perf_counter()
-    finally:
-        bar.close()
+                if time.perf_counter() - last_save >= config.checkpoint_every_s:
+                    state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
+                    save()
+                    last_save = time.perf_counter()
+        finally:
+            bar.close()
 
     state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
     save()

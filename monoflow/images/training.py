@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import resource
-import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from monoflow.blocks import solver_stats
 from monoflow.data.images import ImageArray, batches_per_epoch, load_image_dataset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
-from monoflow.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from monoflow.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, stop_on_signals
 from monoflow.images.checkpoint import checkpoint_path, load_checkpoint, rng_path
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
                                          broadcast_module, init_distributed)
@@ -233,17 +232,6 @@ def train_image_flow(
             })
         barrier(ctx)
 
-    stop = {"flag": False}
-    previous_handlers = {}
-
-    def request_stop(signum, frame):  # noqa: ARG001
-        stop["flag"] = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous_handlers[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not in the main thread
-            pass
 
     def global_order(epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(len(train_data))
@@ -258,81 +246,79 @@ def train_image_flow(
     window_start, window_images = time.time(), 0
     flow.train()
     stopped_by_budget = False
-    try:
-        while step < total_steps:
-            if max_seconds is not None and time.time() - loop_start > max_seconds:
-                stopped_by_budget = True
-                break
-            set_learnable_concat(flow, step >= learnable_concat_step)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            per_epoch = batches_per_epoch(len(train_data), training.batch_size)
-            for a in range(training.accumulation_steps):
-                m = step * training.accumulation_steps + a
-                epoch, b = divmod(m, per_epoch)
-                if epoch not in order_cache:
-                    order_cache.clear()
-                    order_cache[epoch] = global_order(epoch)
-                idx = order_cache[epoch][b * training.batch_size:(b + 1) * training.batch_size]
-                k, y = train_data.batch(idx)
-                gen = torch.Generator().manual_seed(batch_seed(seed, 1, m))
-                k = augment_batch(k, gen, training.random_flip, training.random_crop_padding)
-                noise = torch.rand(k.shape, generator=gen)
-                part = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
-                k, y, noise = k[part].to(ctx.device), y[part].to(ctx.device), noise[part].to(ctx.device)
-                if density and config.dequantization == "variational":
-                    loss = flow.bits_per_dim(k).mean()  # the model draws its noise (per-rank RNG)
-                elif density:
-                    loss = flow.bits_per_dim(k, noise=noise).mean()
-                else:
-                    x = (k.float() + noise) / config.n_levels
-                    loss = F.cross_entropy(flow.classify(x), y)
-                (loss / training.accumulation_steps).backward()
-                loss_sum += loss.detach().double()
-            average_gradients(flow, ctx)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(flow.parameters(), training.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            update_lipschitz(flow, tol=training.lipschitz_tol, max_iterations=training.lipschitz_max_iterations)
-            ema.update(flow)
-            step += 1
-            window_images += training.batch_size * training.accumulation_steps
-            if bar is not None:
-                bar.update(1)
-            if step % training.log_every == 0 or step == total_steps:
-                mean_loss = float(all_reduce_sum(loss_sum, ctx) / (ctx.world_size * training.accumulation_steps))
-                now = time.time()
-                entry = {
-                    "step": step,
-                    ("train_surrogate_bpd" if density else "train_cross_entropy"): mean_loss,
-                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                    "images_per_s": window_images / max(now - window_start, 1e-9),
-                    **{f"solver_{k_}": v for k_, v in solver_stats(flow).items()
-                       if k_.endswith("evaluations") or k_.endswith("converged_fraction")},
-                }
-                log.append(entry)
-                if ctx.is_main:
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                window_start, window_images = now, 0
+    with stop_on_signals() as stop:
+        try:
+            while step < total_steps:
+                if max_seconds is not None and time.time() - loop_start > max_seconds:
+                    stopped_by_budget = True
+                    break
+                set_learnable_concat(flow, step >= learnable_concat_step)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+                per_epoch = batches_per_epoch(len(train_data), training.batch_size)
+                for a in range(training.accumulation_steps):
+                    m = step * training.accumulation_steps + a
+                    epoch, b = divmod(m, per_epoch)
+                    if epoch not in order_cache:
+                        order_cache.clear()
+                        order_cache[epoch] = global_order(epoch)
+                    idx = order_cache[epoch][b * training.batch_size:(b + 1) * training.batch_size]
+                    k, y = train_data.batch(idx)
+                    gen = torch.Generator().manual_seed(batch_seed(seed, 1, m))
+                    k = augment_batch(k, gen, training.random_flip, training.random_crop_padding)
+                    noise = torch.rand(k.shape, generator=gen)
+                    part = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
+                    k, y, noise = k[part].to(ctx.device), y[part].to(ctx.device), noise[part].to(ctx.device)
+                    if density and config.dequantization == "variational":
+                        loss = flow.bits_per_dim(k).mean()  # the model draws its noise (per-rank RNG)
+                    elif density:
+                        loss = flow.bits_per_dim(k, noise=noise).mean()
+                    else:
+                        x = (k.float() + noise) / config.n_levels
+                        loss = F.cross_entropy(flow.classify(x), y)
+                    (loss / training.accumulation_steps).backward()
+                    loss_sum += loss.detach().double()
+                average_gradients(flow, ctx)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(flow.parameters(), training.grad_clip))
+                optimizer.step()
+                scheduler.step()
+                update_lipschitz(flow, tol=training.lipschitz_tol, max_iterations=training.lipschitz_max_iterations)
+                ema.update(flow)
+                step += 1
+                window_images += training.batch_size * training.accumulation_steps
                 if bar is not None:
-                    shown = ("train_surrogate_bpd", "train_cross_entropy", "grad_norm")
-                    bar.set_postfix({k_: round(v, 4) for k_, v in entry.items() if k_ in shown})
-            if training.eval_every and step % training.eval_every == 0 and step < total_steps:
-                evals.append({"step": step, **_evaluate(flow, ema, test_data, ctx, training, density, seed, eval_limit)})
-            if step % training.checkpoint_every == 0 or stop["flag"]:
-                save(finished=False)
-            if stop["flag"]:
-                raise _Preempted()
-    except _Preempted:
-        if bar is not None:
-            bar.close()
-        if ctx.is_main:
-            print(f"stopped at step {step}; checkpoint saved in {out}; rerun the same command to resume")
-        return {"preempted": True, "step": step, "run_dir": str(out)}
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+                    bar.update(1)
+                if step % training.log_every == 0 or step == total_steps:
+                    mean_loss = float(all_reduce_sum(loss_sum, ctx) / (ctx.world_size * training.accumulation_steps))
+                    now = time.time()
+                    entry = {
+                        "step": step,
+                        ("train_surrogate_bpd" if density else "train_cross_entropy"): mean_loss,
+                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                        "images_per_s": window_images / max(now - window_start, 1e-9),
+                        **{f"solver_{k_}": v for k_, v in solver_stats(flow).items()
+                           if k_.endswith("evaluations") or k_.endswith("converged_fraction")},
+                    }
+                    log.append(entry)
+                    if ctx.is_main:
+                        with open(out / "log.jsonl", "a") as f:
+                            f.write(json.dumps(entry) + "\n")
+                    window_start, window_images = now, 0
+                    if bar is not None:
+                        shown = ("train_surrogate_bpd", "train_cross_entropy", "grad_norm")
+                        bar.set_postfix({k_: round(v, 4) for k_, v in entry.items() if k_ in shown})
+                if training.eval_every and step % training.eval_every == 0 and step < total_steps:
+                    evals.append({"step": step, **_evaluate(flow, ema, test_data, ctx, training, density, seed, eval_limit)})
+                if step % training.checkpoint_every == 0 or stop.requested:
+                    save(finished=False)
+                if stop.requested:
+                    raise _Preempted()
+        except _Preempted:
+            if bar is not None:
+                bar.close()
+            if ctx.is_main:
+                print(f"stopped at step {step}; checkpoint saved in {out}; rerun the same command to resume")
+            return {"preempted": True, "step": step, "run_dir": str(out)}
     if bar is not None:
         bar.close()
     train_seconds = elapsed_before + (time.time() - loop_start)
