@@ -14,7 +14,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_speed import measure  # noqa: E402
+from toy_speed import measure, save_report  # noqa: E402
 
 from monoflow.data.toy import TOY_DATASETS  # noqa: E402
 from monoflow.experiments.config import TOY_MODELS, ToyEnsembleConfig, toy_config  # noqa: E402
@@ -81,8 +80,7 @@ def main(argv: Any = None) -> int:
                           f"= {1000 * per_member:6.1f} ms per run-iteration, x{row['speedup_vs_alone']:.2f} vs alone; "
                           f"{size} paper runs in {row['projected_hours_for_size_runs']:.1f} h")
                 bar.update(1)
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                args.output.write_text(json.dumps(report, indent=1) + "\n")
+                save_report(report, args.output)
     bar.close()
     print(f"wrote {args.output}")
     return 0

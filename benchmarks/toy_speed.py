@@ -99,6 +99,12 @@ def sub_phase_timers(timers: Dict[str, float]):
                 setattr(owner, name, original)
 
 
+def save_report(report: Dict[str, Any], path: Path) -> None:
+    """Write the report so far (after every measurement: a stopped benchmark keeps its rows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dict[str, Any]:
     """Time ``iterations`` training steps of ``experiment`` after ``warmup`` untimed ones."""
     from monoflow.blocks import solver_stats
@@ -195,8 +201,7 @@ def main(argv: Any = None) -> int:
                 + f"  (target {1000 * target:.0f} ms, full run {result['projected_run_minutes']:.1f} min)"
             )
             bar.update(1)
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(report, indent=1) + "\n")
+            save_report(report, args.output)
     bar.close()
     print(f"wrote {args.output}")
     return 0

@@ -21,14 +21,6 @@ TINY = dict(nblocks=2, depth=1, growth=8, batch_size=32, iterations=6, test_ever
             report_last=2, roundtrip_points=16, figure_grid=12, figure_samples=64, learnable_concat_from=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _members(kind, count=3, seed=0):
     torch.manual_seed(seed)
     flows = [toy_flow(kind, nblocks=3, depth=2, growth=8).double() for _ in range(count)]
