@@ -159,34 +159,38 @@ class ToyEnsembleExperiment:
 
     def record_members(self, state: RunState, device: torch.device) -> List[Dict[str, Any]]:
         """Write every member's run.json and checkpoint; shorten the ensemble's own tests to
-        the members' metrics. Returns where the members went and their metrics."""
-        summary = []
+        the members' metrics. Returns where the members went and their metrics.
+
+        All records are built before any is written, and every run.json before any member
+        checkpoint: a member folder with a checkpoint but no finished run.json would look like
+        a run started alone."""
+        ensemble = {
+            "size": self.size,
+            "folder": self._relative(self.ensemble_dir),
+            "members": [f"{m.dataset} seed {m.seed}" for m in self.config.members],
+            "note": "trained together with the other members as one batched model (monoflow.ensemble); "
+                    "wall time and per-iteration time are those of the whole ensemble",
+        }
+        records, member_tests = [], []
         for index, (member, flow) in enumerate(zip(self.members, self.flows)):
-            tests = [{**{key: value for key, value in test.items() if key not in ("members", "metric",
-                                                                                  "roundtrip_max_abs_error")},
+            tests = [{**{key: value for key, value in test.items()
+                         if key not in ("members", "metric", "roundtrip_max_abs_error")},
                       **test["members"][index]} for test in state.tests]
             member_state = RunState(step=state.step, tests=tests, elapsed_s=state.elapsed_s,
                                     test_time_s=state.test_time_s, timers=dict(state.timers))
-            folder = self.member_dirs[index]
-            extra = {
-                **self.figures[index],
-                "ensemble": {
-                    "size": self.size,
-                    "folder": self._relative(self.ensemble_dir),
-                    "members": [f"{m.dataset} seed {m.seed}" for m in self.config.members],
-                    "note": "trained together with the other members as one batched model "
-                            "(monoflow.ensemble); wall time and per-iteration time are those of "
-                            "the whole ensemble",
-                },
-            }
-            record = run_record(member, flow, member_state, device, extra)
+            records.append(run_record(member, flow, member_state, device, {**self.figures[index], "ensemble": ensemble}))
+            member_tests.append(tests)
+        for folder, record in zip(self.member_dirs, records):
             write_run(folder, record)
+        summary = []
+        for index, (member, flow, record) in enumerate(zip(self.members, self.flows, records)):
+            folder = self.member_dirs[index]
             save_checkpoint(folder / CHECKPOINT_NAME, {
                 "config": config_to_dict(member.config), "model": flow.state_dict(),
-                "state": {"step": state.step, "tests": tests}, "ensemble": self._relative(self.ensemble_dir),
+                "state": {"step": state.step, "tests": member_tests[index]}, "ensemble": ensemble["folder"],
             })
             self._member_log(index, f"finished: {self.metric_name}={record['final_metric']:.6f} "
-                                    f"(trained in ensemble {self._relative(self.ensemble_dir)})")
+                                    f"(trained in ensemble {ensemble['folder']})")
             summary.append({"dataset": member.config.dataset, "seed": member.config.seed,
                             "final_metric": record["final_metric"], "folder": self._relative(folder)})
         for test in state.tests:
