@@ -28,12 +28,12 @@ def _git(*args: str) -> Optional[str]:
 
 
 def git_commit() -> str:
-    """The commit of the checkout the package runs from, with ``+dirty`` when files are modified
-    (``"unknown"`` outside a git checkout)."""
+    """The commit of the checkout the package runs from, with ``+dirty`` when the package's own
+    files are modified (results written meanwhile do not count; ``"unknown"`` outside git)."""
     commit = _git("rev-parse", "HEAD")
     if not commit:
         return "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", str(_PACKAGE_DIR))
     return commit + ("+dirty" if status else "")
 
 

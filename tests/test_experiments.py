@@ -190,6 +190,8 @@ def test_resume_equals_uninterrupted(tmp_path, experiment):
     assert part["status"] == "interrupted" and part["step"] == 3
     assert not (Path(run_directory(config, tmp_path / "split")) / "run.json").exists()
     resumed = run(config, tmp_path / "split", progress=False)
+    assert [session["iteration"] for session in resumed["sessions"]] == [0, 3]
+    assert all(session["git_commit"] and session["device"] for session in resumed["sessions"])
     assert [t["metric"] for t in whole["tests"]] == [t["metric"] for t in resumed["tests"]]
     assert [t["train_loss"] for t in whole["tests"]] == [t["train_loss"] for t in resumed["tests"]]
     a = load_checkpoint(run_directory(config, tmp_path / "whole") / "checkpoint.pt")

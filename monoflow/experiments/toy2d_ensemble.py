@@ -177,7 +177,8 @@ class ToyEnsembleExperiment:
                          if key not in ("members", "metric", "roundtrip_max_abs_error")},
                       **test["members"][index]} for test in state.tests]
             member_state = RunState(step=state.step, tests=tests, elapsed_s=state.elapsed_s,
-                                    test_time_s=state.test_time_s, timers=dict(state.timers))
+                                    test_time_s=state.test_time_s, timers=dict(state.timers),
+                                    sessions=state.sessions)
             records.append(run_record(member, flow, member_state, device, {**self.figures[index], "ensemble": ensemble}))
             member_tests.append(tests)
         for folder, record in zip(self.member_dirs, records):

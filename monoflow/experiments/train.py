@@ -120,6 +120,8 @@ class RunState:
     elapsed_s: float = 0.0
     test_time_s: float = 0.0
     timers: Dict[str, float] = field(default_factory=lambda: {phase: 0.0 for phase in TIMED_PHASES})
+    #: One entry per start or resumption: the iteration it began at, its commit, device, time.
+    sessions: List[Dict[str, Any]] = field(default_factory=list)
 
 
 #: Configuration fields that do not change a run's numbers: a resumed run may differ in them.
@@ -252,6 +254,10 @@ def train(
         log(f"resumed from {checkpoint_path.name} at iteration {state.step}")
     else:
         log(f"start {config.experiment} {config_dict}")
+    session = provenance(device)
+    state.sessions.append({"iteration": state.step, **{key: session[key] for key in
+                                                       ("git_commit", "device", "created", "command")}})
+    log(f"session at iteration {state.step}: commit {session['git_commit']}, {session['device']}")
 
     def save() -> None:
         save_checkpoint(
@@ -266,6 +272,7 @@ def train(
                     "elapsed_s": state.elapsed_s,
                     "test_time_s": state.test_time_s,
                     "timers": dict(state.timers),
+                    "sessions": state.sessions,
                 },
                 "rng": capture_rng_state(**streams),
             },
@@ -379,6 +386,8 @@ def run_record(
             "config": config_to_dict(config),
             "parameters": sum(p.numel() for p in model.parameters()),
             "provenance": provenance(device),
+            # a run resumed across sessions may span commits and machines: each one is listed
+            "sessions": state.sessions,
             "timing": {
                 "wall_time_s": state.elapsed_s,
                 "iterations": state.step,
