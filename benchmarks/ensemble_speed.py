@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/ensemble_speed.py                       # writes benchmarks/results/ensemble_speed.json
     python benchmarks/ensemble_speed.py --sizes 1 8 24 --threads 1 2 --models monotone
+    python benchmarks/ensemble_speed.py --device cuda --sizes 1 8 24 --output benchmarks/results/ensemble_speed_cuda.json
 """
 from __future__ import annotations
 
@@ -45,13 +46,14 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "ensemble_speed.json")
     args = parser.parse_args(argv)
     if any(size < 1 for size in args.sizes):
         parser.error("--sizes must be positive")
 
     report: Dict[str, Any] = {
-        "provenance": provenance("cpu"),
+        "provenance": provenance(args.device),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "runs": [],
@@ -66,7 +68,7 @@ def main(argv: Any = None) -> int:
                 configs = members(model, size)
                 experiment = (ToyExperiment(configs[0]) if size == 1
                               else ToyEnsembleExperiment(ToyEnsembleConfig(tuple(configs)), output_dir="/nonexistent"))
-                result = measure(experiment, args.iterations, args.warmup, profile=False)
+                result = measure(experiment, args.iterations, args.warmup, profile=False, device=args.device)
                 per_member = result["per_iteration_s"] / size
                 single = per_member if size == 1 else single
                 row = {"model": model, "threads": threads, "ensemble_size": size,

@@ -105,28 +105,36 @@ def save_report(report: Dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dict[str, Any]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(experiment: Any, iterations: int, warmup: int, profile: bool, device: Any = "cpu") -> Dict[str, Any]:
     """Time ``iterations`` training steps of ``experiment`` after ``warmup`` untimed ones."""
     from monoflow.blocks import solver_stats
     from monoflow.lipschitz import set_learnable_concat
 
     config = experiment.config
+    device = torch.device(device)
     torch.manual_seed(config.seed)
-    model = experiment.build_model()
+    model = experiment.build_model().to(device)
     set_learnable_concat(model, True)
     model.train()
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     scratch = {phase: 0.0 for phase in TIMED_PHASES}
     for step in range(warmup):
-        training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, scratch)
+        training_step(experiment, model, optimizer, generator, device, step, scratch)
+    _synchronize(device)
     timers = {phase: 0.0 for phase in TIMED_PHASES}
     profiler = cProfile.Profile() if profile else None
     start, cpu_start = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     for step in range(warmup, warmup + iterations):
-        training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, timers)
+        training_step(experiment, model, optimizer, generator, device, step, timers)
+    _synchronize(device)
     if profiler:
         profiler.disable()
     total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
@@ -135,7 +143,7 @@ def measure(experiment: Any, iterations: int, warmup: int, profile: bool) -> Dic
     sub_iterations = max(1, iterations // 2)
     with sub_phase_timers(parts):
         for step in range(warmup + iterations, warmup + iterations + sub_iterations):
-            training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, scratch)
+            training_step(experiment, model, optimizer, generator, device, step, scratch)
     result = {
         "model": config.model,
         "parameters": sum(p.numel() for p in model.parameters()),
