@@ -95,6 +95,11 @@ NOTEBOOKS: Tuple[NotebookSpec, ...] = (
         "Image benchmarks (Table 2)",
         quick={},
     ),
+    NotebookSpec(
+        "05_speed",
+        "How long it takes",
+        quick={},
+    ),
 )
 
 

@@ -227,6 +227,7 @@ def test_html_has_each_chapters_tables_and_figures(built):
         ("chapters/02_expressivity_1d", 2, 3, ["test MSE (ours)", "paper MSE", "Preset", "quick"]),
         ("chapters/03_toy_densities_2d", 2, 3, ["Monotone Flow", "i-DenseNet", "difference", "iterations"]),
         ("chapters/04_images", 0, 3, ["paper bpd", "parameters (ours)", "24,894,430", "20,872,826"]),
+        ("chapters/05_speed", 0, 3, ["ms / iteration", "meets target", "speed-up", "CPU-hours alone"]),
     ]
     for page, figures, tables, texts in expected:
         article = _article(_read(html, page))
