@@ -1,7 +1,8 @@
 """Experiments: configurations, the training loop, results on disk, tables and figures.
 
 Modules: ``config`` (dataclasses and presets), ``train`` (the shared loop), ``checkpoint``
-(atomic, exactly resumable checkpoints), ``toy2d`` and ``regression1d`` (the two experiments),
+(atomic, exactly resumable checkpoints), ``toy2d`` and ``regression1d`` (the two experiments), ``toy2d_ensemble`` (several 2-D runs
+trained as one batched model),
 ``results`` (run records, layout, tables next to the paper's numbers), ``figures``, ``evaluate``
 (models back from checkpoints).
 
@@ -15,6 +16,7 @@ from monoflow.experiments.config import (
     TOY_MODELS,
     RegressionConfig,
     ToyConfig,
+    ToyEnsembleConfig,
     regression_config,
     toy_config,
 )
@@ -22,6 +24,7 @@ from monoflow.experiments.evaluate import evaluate_checkpoint, load_model, sampl
 from monoflow.experiments.regression1d import run_regression
 from monoflow.experiments.results import find_runs, load_run, regression_table, toy_seed_spread, toy_table, write_tables
 from monoflow.experiments.toy2d import run_toy
+from monoflow.experiments.toy2d_ensemble import run_toy_ensemble
 
 __all__ = [
     "PRESETS",
@@ -32,6 +35,8 @@ __all__ = [
     "toy_config",
     "regression_config",
     "run_toy",
+    "ToyEnsembleConfig",
+    "run_toy_ensemble",
     "run_regression",
     "load_run",
     "find_runs",
