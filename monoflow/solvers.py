@@ -74,9 +74,10 @@ class SolverOptions:
         regularization: relative Tikhonov term of Anderson's least-squares problem.
         on_failure: ``"warn"``, ``"raise"`` or ``"nan"`` for samples that do not converge.
         freeze_converged: stop evaluating samples once they converge (default). With ``False``
-            f always sees the whole batch and the solve ends when every sample meets its
-            tolerance at the same iterate (for maps that couple rows by position, such as an
-            ensemble of networks that sends each block of rows to its own member).
+            f always sees the whole batch (for maps that need every row in its place, such as an
+            ensemble of networks that sends each block of rows to its own member); a converged
+            sample is then held at its converged iterate, so the results are those of the
+            default.
     """
 
     method: str = "anderson"
@@ -203,6 +204,9 @@ def fixed_point_solve(
 
     x = z0.detach().reshape(batch, n)
     evaluations = 0
+    # freeze_converged=False: every row is evaluated, but rows that converged are held at their
+    # converged iterate (their outputs and diagnostics are those of that iteration)
+    held = torch.zeros(batch, dtype=torch.bool, device=device)
     for k in range(options.max_iterations):
         index = None if active.numel() == batch else active
         fx = f(x.reshape((active.numel(),) + sample_shape), index).detach().reshape(active.numel(), n)
@@ -210,7 +214,14 @@ def fixed_point_solve(
         res = (fx - x).norm(dim=1)
         reference = fx.norm(dim=1) if scale is None else scale[active]
         done = res <= atol * math.sqrt(n) + rtol * reference
-        if index is None:
+        if not options.freeze_converged:
+            moving = ~held
+            iterations[moving] += 1
+            solution[moving] = fx[moving].reshape((-1,) + sample_shape)
+            residual[moving], converged[moving] = res[moving], done[moving]
+            held = held | done
+            done = held
+        elif index is None:
             iterations += 1
             solution = fx.reshape(solution.shape)
             residual, converged = res, done
@@ -238,6 +249,8 @@ def fixed_point_solve(
             bad = ~torch.isfinite(x).all(dim=1)
             if bool(bad.any()):
                 x[bad] = fx[bad]
+        if not options.freeze_converged and bool(held.any()):
+            x = torch.where(held[:, None], X[:, slot], x)
 
     info = SolverInfo(iterations=iterations, residual=residual, converged=converged, evaluations=evaluations)
     if not info.all_converged:
