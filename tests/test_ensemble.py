@@ -7,7 +7,7 @@ import torch
 from monoflow.blocks import ActNorm, MonotoneBlock
 from monoflow.cli import main
 from monoflow.ensemble import EnsembleDenseNet, split_members, stack_flows
-from monoflow.experiments import run_toy, toy_config
+from monoflow.experiments import run_toy, toy_config, toy_table
 from monoflow.experiments.config import ToyEnsembleConfig
 from monoflow.experiments.evaluate import evaluate_checkpoint
 from monoflow.experiments.results import run_directory
@@ -146,6 +146,11 @@ def test_training_together_equals_training_alone(tmp_path):
         check = evaluate_checkpoint(folder, samples=64)
         expected = evaluate_checkpoint(run_directory(config, tmp_path / "alone"), samples=64)
         assert check["iteration"] == TINY["iterations"] and check["metric"] == pytest.approx(expected["metric"], abs=2e-4)
+    # tables count each member's share of the ensemble's wall time
+    table = toy_table(tmp_path / "together", "quick").set_index("dataset")
+    assert (table["trained_together"] == 2).all()
+    shared = json.loads((run_directory(configs[0], tmp_path / "together") / "run.json").read_text())["timing"]["wall_time_s"]
+    assert table.loc["moons", "wall_time_s"] == pytest.approx(shared / 2)
     # the two members are different runs (the comparisons above can fail)
     assert record["members"][0]["final_metric"] != record["members"][1]["final_metric"]
     # finished: a second call returns without training; nothing is pending any more

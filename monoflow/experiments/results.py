@@ -178,7 +178,8 @@ def _aggregate(runs: List[Dict[str, Any]], keys: List[str]) -> pd.DataFrame:
             "seed": run["seed"],
             "metric": run["final_metric"],
             "iterations": run["timing"]["iterations"],
-            "wall_time_s": run["timing"]["wall_time_s"],
+            # a run trained with others in one ensemble gets its share of the ensemble's time
+            "wall_time_s": run["timing"]["wall_time_s"] / (run.get("ensemble") or {}).get("size", 1),
             "trained_together": (run.get("ensemble") or {}).get("size", 1),
             "device": run["provenance"]["device"],
         }
@@ -206,8 +207,9 @@ def toy_table(results_dir: PathLike = "results", preset: Optional[str] = None) -
 
     Columns: dataset, model, preset, seeds (number of seeds), nll_nats_mean, nll_nats_std (over
     seeds; NaN for one seed), paper_nats (NaN for models the paper does not report),
-    difference (ours - paper), iterations, wall_time_s (mean over seeds), trained_together (the
-    largest number of runs trained as one ensemble, whose wall time is shared; 1: alone), device.
+    difference (ours - paper), iterations, wall_time_s (mean over seeds; a run trained in an
+    ensemble counts the ensemble's wall time divided by its number of runs), trained_together (the
+    largest such number among the seeds; 1: every seed trained alone), device.
     """
     runs = find_runs(results_dir, "toy2d", preset)
     table = _aggregate(runs, ["dataset", "model", "preset"])
