@@ -105,9 +105,6 @@ class StopRequest:
         self.requested = False
         self.signal: Union[int, None] = None
 
-    def __bool__(self) -> bool:
-        return self.requested
-
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:

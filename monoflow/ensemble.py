@@ -10,11 +10,13 @@ estimators and blocks are the ordinary ones, working row by row.
 Members share no parameter, so the gradient of :math:`\sum_e \mathcal{L}_e(\theta_e)` with
 respect to :math:`\theta_e` is that of :math:`\mathcal{L}_e` alone, and Adam and the power
 iterations act elementwise / per layer: training the ensemble on the sum of the members' losses
-trains every member as it would be trained alone, up to floating-point rounding and the stopping
-iteration of the shared fixed-point solves (which stop once *every* row has converged).
+trains every member as it would be trained alone, up to floating-point rounding (the shared
+fixed-point solves hold each converged row at its converged iterate, so every row stops where it
+would alone).
 
-Why: the paper's 2-D models are tiny (500 x <= 50 tensors), so an iteration costs far more in
-per-operation overhead than in arithmetic; :math:`E` runs in one process share that overhead.
+Why: the paper's 2-D models are small (500 x <= 50 tensors), so a good part of an iteration is
+per-operation overhead, which :math:`E` runs in one process share (1.3 to 1.7 times the
+throughput on one CPU thread, ``benchmarks/ensemble_speed.py``).
 
 >>> from monoflow.models import toy_flow
 >>> flows = [toy_flow("monotone", nblocks=2, depth=1, growth=4) for _ in range(3)]
@@ -35,6 +37,7 @@ from monoflow.lipschitz import (
     DenseNet,
     LipschitzDenseLayer,
     SpectralNormLinear,
+    _chain_bounds,
     _reused,
     dense_layer_output,
 )
@@ -166,10 +169,9 @@ class EnsembleDenseNet(_StackedNetwork):
         """Member scales: the common constant while frozen, else per-row tensors (E*rows, 1)."""
         if not any(layer.learnable_concat for layer in layers):
             return layers[0].etas()
-        pairs = [layer.etas() for layer in layers]
-        etas = [torch.as_tensor(eta) for pair in pairs for eta in pair]
-        return (self._per_row(("eta1", position), etas[0::2], rows),
-                self._per_row(("eta2", position), etas[1::2], rows))
+        eta1, eta2 = zip(*(layer.etas() for layer in layers))
+        return (self._per_row(("eta1", position), [torch.as_tensor(eta) for eta in eta1], rows),
+                self._per_row(("eta2", position), [torch.as_tensor(eta) for eta in eta2], rows))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, with_jacobian=False)[0]
@@ -207,13 +209,8 @@ class EnsembleChain(_StackedNetwork):
         return x
 
     def lipschitz_bound(self) -> float:
-        bound = 0.0
-        for member in self.members:
-            product = 1.0
-            for layer in member:
-                product *= layer.lipschitz_bound() if type(layer) is SpectralNormLinear else float(layer.lipschitz_constant)
-            bound = max(bound, product)
-        return bound
+        """The largest member bound (product of each chain's layer bounds)."""
+        return max(_chain_bounds(member)[0] for member in self.members)  # type: ignore[index]
 
 
 def _stack_networks(networks: Sequence[nn.Module]) -> nn.Module:
@@ -249,7 +246,8 @@ def stack_flows(flows: Sequence[Flow]) -> Flow:
                 f"places, got {sorted({type(block).__name__ for block in group})}"
             )
         first = group[0]
-        adjoint = first.adjoint if first.adjoint is not None and first.adjoint.method == "direct" else _whole_batch(first.adjoint)
+        # only the forward / inverse solves evaluate g on subsets of rows; adjoint solves take
+        # vector-Jacobian products of the whole batch's graph and keep their options
         blocks.append(kind(_stack_networks([block.g for block in group]), first.logdet_estimator,
-                           _whole_batch(first.solver), adjoint))
+                           _whole_batch(first.solver), first.adjoint))
     return Flow(blocks, event_shape=flows[0].event_shape)

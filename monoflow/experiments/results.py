@@ -172,19 +172,19 @@ def paper_regression_numbers() -> pd.DataFrame:
 
 
 def _aggregate(runs: List[Dict[str, Any]], keys: List[str]) -> pd.DataFrame:
-    rows = [
-        {
+    rows = []
+    for run in runs:
+        together = (run.get("ensemble") or {}).get("size", 1)
+        rows.append({
             **{key: run.get(key) for key in keys},
             "seed": run["seed"],
             "metric": run["final_metric"],
             "iterations": run["timing"]["iterations"],
             # a run trained with others in one ensemble gets its share of the ensemble's time
-            "wall_time_s": run["timing"]["wall_time_s"] / (run.get("ensemble") or {}).get("size", 1),
-            "trained_together": (run.get("ensemble") or {}).get("size", 1),
+            "wall_time_s": run["timing"]["wall_time_s"] / together,
+            "trained_together": together,
             "device": run["provenance"]["device"],
-        }
-        for run in runs
-    ]
+        })
     columns = keys + ["seeds", "metric_mean", "metric_std", "iterations", "wall_time_s", "trained_together", "device"]
     if not rows:
         return pd.DataFrame(columns=columns)

@@ -5,8 +5,7 @@ Each member is an ordinary run of :mod:`monoflow.experiments.toy2d`: the same in
 figure random streams (derived from the member's seed), the same tests and figure. Only the
 training step is shared: one forward and backward pass on the members' stacked batches, with
 the loss :math:`\sum_e \mathcal{L}_e` (members share no parameters, so each gets the gradient of
-its own loss). Results differ from separate runs by floating-point rounding and by the
-iteration at which the shared fixed-point solves stop (when every row has converged).
+its own loss). Results differ from separate runs by floating-point rounding only.
 
 Layout: the ensemble's checkpoint, log and run.json sit in
 ``<output>/ensembles/toy2d/<preset>/<model>/<E>runs-<hash>/``; when it finishes, every member gets
@@ -37,7 +36,7 @@ from monoflow.experiments.results import (
     write_run,
 )
 from monoflow.experiments.toy2d import ToyExperiment, build_toy_model, toy_test
-from monoflow.experiments.train import RunLog, RunState, derived_seed, run_record, set_seeds, train
+from monoflow.experiments.train import RunLog, RunState, derived_seed, run_record, set_seeds, test_log_line, train
 
 __all__ = ["ToyEnsembleExperiment", "ensemble_directory", "pending_members", "run_toy_ensemble"]
 
@@ -144,9 +143,8 @@ class ToyEnsembleExperiment:
     def log_test(self, test: Dict[str, Any]) -> None:
         """Append each member's line of a test to its own train.log."""
         for index, result in enumerate(test["members"]):
-            self._member_log(index, f"test iteration {test['iteration']}: {self.metric_name}={result['metric']:.6f} "
-                                    f"train_loss={result.get('train_loss', float('nan')):.6f} "
-                                    f"roundtrip={result['roundtrip_max_abs_error']:.3e} (ensemble member)")
+            line = test_log_line(self.metric_name, {"iteration": test["iteration"], "train_loss": float("nan"), **result})
+            self._member_log(index, f"{line} (ensemble member)")
 
     def finalize(self, model: nn.Module, run_dir: Path, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
         """Each member's figure in its own folder (drawn with its own figure stream)."""

@@ -58,7 +58,7 @@ from monoflow.lipschitz import set_learnable_concat, update_lipschitz
 from monoflow.provenance import provenance
 
 __all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "run_record", "train", "training_step",
-           "TIMED_PHASES", "RunState", "set_seeds"]
+           "TIMED_PHASES", "RunState", "set_seeds", "test_log_line"]
 
 Config = Union[ToyConfig, RegressionConfig]
 #: Phases of one training iteration whose wall time is measured separately.
@@ -140,6 +140,12 @@ def _check_same_config(stored: Dict[str, Any], current: Dict[str, Any], where: P
             f"{where} holds a run with a different configuration ({'; '.join(differences)}); "
             "choose another output folder or delete that run"
         )
+
+
+def test_log_line(metric_name: str, test: Dict[str, Any]) -> str:
+    """The train.log line of one test (``iteration``, ``metric``, ``train_loss``, round trip)."""
+    return (f"test iteration {test['iteration']}: {metric_name}={test['metric']:.6f} "
+            f"train_loss={test['train_loss']:.6f} roundtrip={test['roundtrip_max_abs_error']:.3e}")
 
 
 def set_seeds(seed: int) -> None:
@@ -335,10 +341,7 @@ def train(
                     if hasattr(experiment, "log_test"):
                         experiment.log_test(state.tests[-1])
                     state.test_time_s += time.perf_counter() - tick
-                    log(
-                        f"test iteration {state.step}: {experiment.metric_name}={result['metric']:.6f} "
-                        f"train_loss={result['train_loss']:.6f} roundtrip={result['roundtrip_max_abs_error']:.3e}"
-                    )
+                    log(test_log_line(experiment.metric_name, result))
 
                 if time.perf_counter() - last_save >= config.checkpoint_every_s:
                     state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
