@@ -9,7 +9,7 @@ from monoflow.cli import main
 from monoflow.ensemble import EnsembleDenseNet, split_members, stack_flows
 from monoflow.experiments import run_toy, toy_config, toy_table
 from monoflow.experiments.config import ToyEnsembleConfig
-from monoflow.experiments.evaluate import evaluate_checkpoint
+from monoflow.experiments.evaluate import evaluate_checkpoint, sample_checkpoint
 from monoflow.experiments.results import run_directory
 from monoflow.experiments.toy2d_ensemble import ensemble_directory, pending_members, run_toy_ensemble
 from monoflow.flows import Flow
@@ -146,6 +146,16 @@ def test_training_together_equals_training_alone(tmp_path):
         check = evaluate_checkpoint(folder, samples=64)
         expected = evaluate_checkpoint(run_directory(config, tmp_path / "alone"), samples=64)
         assert check["iteration"] == TINY["iterations"] and check["metric"] == pytest.approx(expected["metric"], abs=2e-4)
+    # the ensemble's own checkpoint evaluates every member, as the members' folders do
+    ensemble_dir = ensemble_directory(ToyEnsembleConfig(tuple(configs)), tmp_path / "together")
+    both = evaluate_checkpoint(ensemble_dir, samples=64)
+    assert both["experiment"] == "toy2d_ensemble" and both["iteration"] == TINY["iterations"]
+    for config, result in zip(configs, both["members"]):
+        alone = evaluate_checkpoint(run_directory(config, tmp_path / "together"), samples=64)
+        assert (result["dataset"], result["seed"]) == (config.dataset, config.seed)
+        assert result["metric"] == pytest.approx(alone["metric"], abs=1e-6)
+    with pytest.raises(ValueError, match="2 runs trained together .*moons seed 0"):
+        sample_checkpoint(ensemble_dir, 10)
     # tables count each member's share of the ensemble's wall time
     table = toy_table(tmp_path / "together", "quick").set_index("dataset")
     assert (table["trained_together"] == 2).all()

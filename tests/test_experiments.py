@@ -287,6 +287,28 @@ def test_evaluate_and_sample_checkpoint(results):
         evaluate_checkpoint(Path(run_dir) / "nowhere")
 
 
+@pytest.mark.parametrize("model", ["idensenet", "monotone"])
+def test_checkpoint_evaluates_to_the_runs_last_test(tmp_path, model):
+    """Replaying the run's test stream, the loaded checkpoint scores its last test's points as the
+    trained model did: learned concatenation scales (switched on at step 0, moved by a large
+    learning rate) must be in use after loading, not only stored."""
+    from monoflow.data import sample_toy
+    from monoflow.experiments.evaluate import load_model
+    from monoflow.experiments.toy2d import toy_test
+    from monoflow.experiments.train import derived_seed
+
+    config = toy_config("quick", model=model, dataset="moons", **{**TINY_TOY, "learnable_concat_from": 0, "lr": 0.05})
+    record = run_toy(config, tmp_path, progress=False)
+    flow, loaded = load_model(record["run_dir"])
+    scales = [p.item() for name, p in flow.named_parameters() if name.endswith("K1")]
+    assert scales and max(abs(k - 1.0) for k in scales) > 0.05  # the scales did move
+    stream = torch.Generator().manual_seed(derived_seed(config.seed, "test"))
+    for _ in record["tests"][:-1]:
+        sample_toy(config.dataset, config.test_samples, stream)
+    replayed = toy_test(flow, loaded, stream)
+    assert replayed["metric"] == pytest.approx(record["tests"][-1]["metric"], abs=1e-5)
+
+
 @pytest.mark.parametrize("model", ["monotone", "resflow"])
 def test_test_metric_is_the_negative_log_likelihood(results, model):
     """The test NLL (computed under no_grad) against the change of variables with the flow's

@@ -372,16 +372,22 @@ def parse_overrides(cls: type, assignments: Iterable[str]) -> Dict[str, Any]:
     return values
 
 
-def config_from_dict(values: Dict[str, Any]) -> Union[ToyConfig, RegressionConfig]:
+def config_from_dict(values: Dict[str, Any]) -> Union[ToyConfig, RegressionConfig, ToyEnsembleConfig]:
     """Rebuild a configuration from its ``dataclasses.asdict`` form (as stored in run.json).
 
-    The experiment is told by the ``experiment`` key (``"toy2d"`` / ``"regression1d"``).
+    The experiment is told by the ``experiment`` key (``"toy2d"`` / ``"regression1d"`` /
+    ``"toy2d_ensemble"``).
     """
     values = dict(values)
     experiment = values.pop("experiment", None)
+    if experiment == "toy2d_ensemble":
+        _check_field_names(ToyEnsembleConfig, values)
+        return ToyEnsembleConfig(tuple(config_from_dict({**member, "experiment": "toy2d"})
+                                       for member in values["members"]))
     classes = {"toy2d": ToyConfig, "regression1d": RegressionConfig}
     if experiment not in classes:
-        raise ValueError(f"config dict needs experiment in {sorted(classes)}, got {experiment!r}")
+        raise ValueError(f"config dict needs experiment in {sorted(classes) + ['toy2d_ensemble']}, "
+                         f"got {experiment!r}")
     cls = classes[experiment]
     _check_field_names(cls, values)
     hints = typing.get_type_hints(cls)
