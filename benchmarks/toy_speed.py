@@ -15,6 +15,7 @@ Usage::
     python benchmarks/toy_speed.py                      # all models, writes benchmarks/results/toy_speed.json
     python benchmarks/toy_speed.py --iterations 50 --threads 1 2
     python benchmarks/toy_speed.py --profile            # cProfile of each model, top functions in the JSON
+    python benchmarks/toy_speed.py --count-ops          # also the number of torch operators per iteration
 
 The numbers depend on the machine and its load: the JSON records threads, torch version, CPU
 count and the load average at the start, and beside the wall time per iteration the process's
@@ -47,6 +48,23 @@ from monoflow.provenance import provenance
 
 TOY_TARGET_S = 20 * 60 / 50000
 REGRESSION_TARGET_S = 30 * 60 / 15000
+
+
+def count_operators(step: Callable[[], Any], iterations: int = 3) -> Dict[str, Any]:
+    """Torch operators dispatched per call of ``step``: the ``aten::`` calls made from Python (not
+    those nested inside other operators), and the most frequent ones. At a few microseconds of
+    dispatch each, their number bounds how fast an iteration of small tensors can be."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(iterations):
+            step()
+    top_level = [event.name for event in profiler.events() if event.name.startswith("aten::")
+                 and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))]
+    return {"operators_per_iteration": len(top_level) / iterations,
+            "most_frequent": {name: count / iterations for name, count in Counter(top_level).most_common(8)}}
 
 
 def _profile_summary(profile: cProfile.Profile, top: int = 15) -> List[Dict[str, Any]]:
@@ -110,7 +128,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(experiment: Any, iterations: int, warmup: int, profile: bool, device: Any = "cpu") -> Dict[str, Any]:
+def measure(experiment: Any, iterations: int, warmup: int, profile: bool, device: Any = "cpu",
+            count_ops: bool = False) -> Dict[str, Any]:
     """Time ``iterations`` training steps of ``experiment`` after ``warmup`` untimed ones."""
     from monoflow.blocks import solver_stats
     from monoflow.lipschitz import set_learnable_concat
@@ -160,6 +179,11 @@ def measure(experiment: Any, iterations: int, warmup: int, profile: bool, device
     }
     if profiler:
         result["profile_top_tottime"] = _profile_summary(profiler)
+    if count_ops:
+        steps = iter(range(warmup + iterations + sub_iterations, 10 ** 9))
+        result["operators"] = count_operators(
+            lambda: training_step(experiment, model, optimizer, generator, device, next(steps), scratch))
+        result["operators"]["wall_s_per_operator"] = result["per_iteration_s"] / result["operators"]["operators_per_iteration"]
     return result
 
 
@@ -174,6 +198,8 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--regression-iterations", type=int, default=None,
                         help="timed iterations of the 1-D models (default: --iterations)")
     parser.add_argument("--profile", action="store_true", help="add a cProfile summary per model")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="add the number of torch operators per iteration (torch.profiler, 3 more iterations)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "toy_speed.json")
     args = parser.parse_args(argv)
 
@@ -196,7 +222,7 @@ def main(argv: Any = None) -> int:
             else:
                 experiment = RegressionExperiment(regression_config("paper", model=model))
                 iterations, target = args.regression_iterations or args.iterations, REGRESSION_TARGET_S
-            result = measure(experiment, iterations, args.warmup, args.profile)
+            result = measure(experiment, iterations, args.warmup, args.profile, count_ops=args.count_ops)
             result.update(experiment=experiment_name, threads=threads, target_s=target,
                           meets_target=result["per_iteration_s"] < target,
                           projected_run_minutes=result["per_iteration_s"] * experiment.config.iterations / 60)
