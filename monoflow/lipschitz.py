@@ -611,11 +611,55 @@ class DenseNet(nn.Module):
         if len(layers) == 0:
             raise ValueError("DenseNet needs at least one layer")
         self.layers = nn.ModuleList(layers)
+        *dense, last = self.layers
+        self._flat = isinstance(last, SpectralNormLinear) and all(
+            isinstance(layer, LipschitzDenseLayer) and isinstance(layer.linear, SpectralNormLinear) for layer in dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._flat and x.dim() == 2 and not torch.is_grad_enabled():
+            return self._forward_into_buffer(x)
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The same map without autograd (fixed-point solves), without copying features: the
+        input of layer :math:`\ell` is :math:`\mathrm{diag}(s_\ell)\, u` for the unscaled features
+        :math:`u = [x, a_1, a_2, \dots]`, written once into one buffer, and the column scales
+        :math:`s_\ell` (products of the :math:`\eta`'s) are folded into the weights,
+        :math:`\bar W_\ell\, \mathrm{diag}(s_\ell)`, cached until a parameter changes."""
+        *dense, last = self.layers
+        weights = self._column_scaled_weights(x.shape[1])
+        features = x.new_empty(x.shape[0], last.in_features)
+        width = x.shape[1]
+        features[:, :width] = x
+        for layer, weight in zip(dense, weights):
+            value = layer.activation(F.linear(features[:, :width], weight, layer.linear.bias))
+            features[:, width:width + value.shape[1]] = value
+            width += value.shape[1]
+        return F.linear(features, weights[-1], last.bias)
+
+    def _column_scaled_weights(self, width: int) -> List[torch.Tensor]:
+        r""":math:`\bar W_\ell \mathrm{diag}(s_\ell)` for every layer (see :meth:`_forward_into_buffer`)."""
+        *dense, last = self.layers
+        linears = [layer.linear for layer in dense] + [last]
+        key = (width, tuple(layer.learnable_concat for layer in dense),
+               _version_key(*[t for linear in linears for t in (linear.weight, linear.u, linear.v)],
+                            *[k for layer in dense for k in (layer.K1, layer.K2)]))
+        cache = self.__dict__.get("_scaled_weight_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        scales = last.weight.new_ones(width)
+        weights = []
+        for index, linear in enumerate(linears):
+            weight = linear.normalized_weight()
+            weights.append(weight * scales)
+            if index < len(dense):
+                eta1, eta2 = dense[index].etas()
+                added = linears[index + 1].in_features - scales.numel()
+                scales = torch.cat([scales * eta1, scales.new_full((added,), float(eta2))])
+        self.__dict__["_scaled_weight_cache"] = (key, weights)
+        return weights
 
     def jacobian(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""``(g(w), J)`` for ``w`` of shape (B, d), with ``J[b] = dg/dw`` at ``w[b]`` of shape

@@ -203,6 +203,45 @@ def test_jacobian_propagation_matches_autograd(activation, learnable):
     torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_no_grad_forward_equals_the_layer_by_layer_map(activation):
+    """Without autograd a flat DenseNet writes features into one buffer and folds the concatenation
+    scales into cached weights; it must equal the composition of its layers, also after every kind
+    of change the cache has to notice (weights, spectral-norm state, scales, the concat flag)."""
+    torch.manual_seed(7)
+    g = dense_mlp(3, 3, 8, activation, coeff=0.97).double()
+    w = torch.randn(6, 3, dtype=F64)
+
+    def by_layer(x):
+        with torch.enable_grad():
+            for layer in g.layers:
+                x = layer(x)
+        return x.detach()
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(g(w), by_layer(w), rtol=1e-12, atol=1e-13)
+
+    check()
+    with torch.no_grad():
+        g.layers[1].linear.weight.mul_(1.7)  # now above coeff: the normalisation changes
+    check()
+    update_lipschitz(g, tol=1e-12, max_iterations=200)
+    check()
+    set_learnable_concat(g, True)
+    with torch.no_grad():
+        for layer in g.layers[:-1]:
+            layer.K1.fill_(0.3)
+            layer.K2.fill_(-0.4)
+    check()
+    with torch.no_grad():
+        g.layers[0].K2.fill_(1.2)
+        g.layers[-1].bias.add_(0.5)
+    check()
+    set_learnable_concat(g, False)
+    check()
+
+
 def test_jacobian_is_trainable_like_double_backward():
     torch.manual_seed(7)
     g = dense_mlp(2, 2, 8, "clipswish").double()
