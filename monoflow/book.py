@@ -464,7 +464,8 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
     Accepts the records of :func:`monoflow.experiments.results.find_runs` (folder in
     ``run_dir``) and of :func:`monoflow.images.results.read_runs` (folder in ``_dir``).
     Columns: run (folder, relative to ``root``), git commit, device, created (UTC),
-    iterations, wall time in minutes.
+    iterations, wall time in minutes (of the whole process), and how many runs that process
+    trained together (``monoflow.ensemble``; 1 for a run alone).
     """
     import pandas as pd
 
@@ -486,8 +487,9 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
             "created (UTC)": str(origin.get("created") or origin.get("time_utc") or "")[:16].replace("T", " "),
             "iterations": timing.get("iterations", record.get("iterations")),
             "wall time (min)": None if wall is None else round(float(wall) / 60, 1),
+            "runs trained together": int(record.get("ensemble", {}).get("size", 1)),
         })
-    columns = ["run", "git commit", "device", "created (UTC)", "iterations", "wall time (min)"]
+    columns = ["run", "git commit", "device", "created (UTC)", "iterations", "wall time (min)", "runs trained together"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -32,6 +32,7 @@ from monoflow.book import (
     external_resources,
     notebook_parameters,
     repository_root,
+    results_provenance,
 )
 
 ROOT = repository_root()
@@ -163,6 +164,16 @@ def test_build_book_rejects_bad_requests(tmp_path):
         build_book(tmp_path, notebooks=["99_nothing"])
     with pytest.raises(FileNotFoundError, match="no executed copy"):
         build_book(tmp_path, execute=False)
+
+
+def test_results_provenance_names_runs_trained_together(tmp_path):
+    alone = {"run_dir": str(tmp_path / "toy2d" / "a"), "provenance": {"git_commit": "0123456789abcdef", "device": "cpu"},
+             "timing": {"wall_time_s": 120.0, "iterations": 50}}
+    member = {**alone, "run_dir": str(tmp_path / "toy2d" / "b"), "ensemble": {"size": 7, "folder": "ensembles/x"}}
+    table = results_provenance([alone, member], tmp_path)
+    assert list(table["run"]) == ["toy2d/a", "toy2d/b"]
+    assert list(table["runs trained together"]) == [1, 7]
+    assert list(table["wall time (min)"]) == [2.0, 2.0] and list(table["git commit"]) == ["0123456789ab"] * 2
 
 
 def test_cli_registers_book_command():
