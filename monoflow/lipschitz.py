@@ -612,8 +612,9 @@ class DenseNet(nn.Module):
             raise ValueError("DenseNet needs at least one layer")
         self.layers = nn.ModuleList(layers)
         *dense, last = self.layers
-        self._flat = isinstance(last, SpectralNormLinear) and all(
-            isinstance(layer, LipschitzDenseLayer) and isinstance(layer.linear, SpectralNormLinear) for layer in dense)
+        # exact types: subclasses may change what a layer computes
+        self._flat = type(last) is SpectralNormLinear and all(
+            type(layer) is LipschitzDenseLayer and type(layer.linear) is SpectralNormLinear for layer in dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._flat and x.dim() == 2 and not torch.is_grad_enabled():
