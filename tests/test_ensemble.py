@@ -181,6 +181,28 @@ def test_ensemble_resume_equals_uninterrupted(tmp_path):
     assert [t["members"] for t in resumed["tests"]] == [t["members"] for t in whole["tests"]]
 
 
+@pytest.mark.filterwarnings("ignore::monoflow.solvers.SolverWarning")  # the nan never converges
+def test_divergence_names_the_diverged_member(tmp_path, monkeypatch):
+    """A member whose parameters turn non-finite stops the ensemble with an error naming it (its
+    nan surfaces as a solver or input error, or as a nan loss, depending on where it lands)."""
+    from monoflow.experiments.toy2d_ensemble import ToyEnsembleExperiment
+
+    build = ToyEnsembleExperiment.build_model
+
+    def poisoned(self):
+        model = build(self)
+        with torch.no_grad():
+            self.flows[1].blocks[0].g.layers[0].linear.weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(ToyEnsembleExperiment, "build_model", poisoned)
+    configs = [toy_config("quick", dataset=d, **TINY) for d in ("moons", "circles")]
+    with pytest.raises(RuntimeError, match=r"training diverged .*diverged member\(s\): circles seed 0;"):
+        run_toy_ensemble(configs, tmp_path, progress=False)
+    log = (ensemble_directory(ToyEnsembleConfig(tuple(configs)), tmp_path) / "train.log").read_text()
+    assert "diverged: " in log and "circles seed 0" in log
+
+
 def test_pending_members_leaves_runs_started_alone(tmp_path):
     configs = [toy_config("quick", dataset=d, **TINY) for d in ("moons", "circles", "rings")]
     run_toy(configs[0], tmp_path, progress=False)

@@ -233,6 +233,26 @@ def test_crash_resumes_from_time_based_checkpoint(tmp_path):
     assert "resumed from checkpoint.pt at iteration 5" in (tmp_path / "crashed" / "train.log").read_text()
 
 
+@pytest.mark.filterwarnings("ignore::monoflow.solvers.SolverWarning")  # the nan never converges
+@pytest.mark.parametrize("model", ["monotone", "idensenet"])
+def test_non_finite_parameters_stop_the_run_with_a_divergence_error(tmp_path, monkeypatch, model):
+    from monoflow.experiments.toy2d import ToyExperiment
+
+    build = ToyExperiment.build_model
+
+    def poisoned(self):
+        flow = build(self)
+        with torch.no_grad():
+            flow.blocks[0].g.layers[0].linear.weight[0, 0] = float("inf")
+        return flow
+
+    monkeypatch.setattr(ToyExperiment, "build_model", poisoned)
+    config = toy_config("quick", model=model, dataset="moons", **TINY_TOY)
+    with pytest.raises(RuntimeError, match=r"training diverged \((non-finite parameters \(blocks\.0\.g|loss nan)"):
+        run_toy(config, tmp_path, progress=False)
+    assert "diverged: " in (run_directory(config, tmp_path) / "train.log").read_text()
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
     """SIGTERM (a scheduler's preemption) mid-run: the loop finishes the step, saves, returns
     ``interrupted``; the same call resumes and ends exactly as an uninterrupted run."""

@@ -36,7 +36,9 @@ from monoflow.experiments.results import (
     write_run,
 )
 from monoflow.experiments.toy2d import ToyExperiment, build_toy_model, toy_test
-from monoflow.experiments.train import RunLog, RunState, derived_seed, run_record, set_seeds, test_log_line, train
+from monoflow.experiments.train import (
+    RunLog, RunState, derived_seed, non_finite_parameters, run_record, set_seeds, test_log_line, train,
+)
 
 __all__ = ["ToyEnsembleExperiment", "ensemble_directory", "pending_members", "run_toy_ensemble"]
 
@@ -139,6 +141,15 @@ class ToyEnsembleExperiment:
             "roundtrip_max_abs_error": max(result["roundtrip_max_abs_error"] for result in results),
             "members": results,
         }
+
+    def divergence_detail(self) -> str:
+        """The members with non-finite parameters or a non-finite last loss, and what to do."""
+        losses = [float("nan")] * self.size if self.last_losses is None else self.last_losses.tolist()
+        bad = [f"{member.dataset} seed {member.seed}"
+               for member, flow, loss in zip(self.config.members, self.flows, losses)
+               if non_finite_parameters(flow) or (self.last_losses is not None and not np.isfinite(loss))]
+        return (f"diverged member(s): {', '.join(bad) or 'none found'}; train those alone (monoflow toy2d) "
+                "and the others together again (a new ensemble, started afresh)")
 
     def log_test(self, test: Dict[str, Any]) -> None:
         """Append each member's line of a test to its own train.log."""

@@ -57,8 +57,8 @@ from monoflow.experiments.results import (
 from monoflow.lipschitz import set_learnable_concat, update_lipschitz
 from monoflow.provenance import provenance
 
-__all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "run_record", "train", "training_step",
-           "TIMED_PHASES", "RunState", "set_seeds", "test_log_line"]
+__all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "non_finite_parameters", "run_record", "train",
+           "training_step", "TIMED_PHASES", "RunState", "set_seeds", "test_log_line"]
 
 Config = Union[ToyConfig, RegressionConfig]
 #: Phases of one training iteration whose wall time is measured separately.
@@ -89,8 +89,9 @@ class Experiment(Protocol):
 
     # Optional: ``random_streams() -> Dict[str, torch.Generator]``, generators of the experiment's
     # own that the checkpoint must save and restore (an ensemble's per-member streams), and
-    # ``log_test(test)``, called after each test, and ``record_members(state, device) -> Dict``,
-    # called after ``finalize`` with the run's state.
+    # ``log_test(test)``, called after each test, ``record_members(state, device) -> Dict``,
+    # called after ``finalize`` with the run's state, and ``divergence_detail() -> str``, added to
+    # the error when training diverges (an ensemble names the members that did).
 
 
 def derived_seed(seed: int, stream: str) -> int:
@@ -162,6 +163,20 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     ``foreach=True`` updates all parameter tensors with a few multi-tensor ops instead of a loop
     over them (the small models have ~100 tensors; the loop costs more than the arithmetic)."""
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+
+
+def non_finite_parameters(model: nn.Module) -> List[str]:
+    """Names of the parameters with a nan or inf entry."""
+    return [name for name, parameter in model.named_parameters() if not bool(torch.isfinite(parameter).all())]
+
+
+def _diverged(experiment: Experiment, log: "RunLog", run_dir: Path, message: str,
+              cause: Optional[BaseException] = None) -> None:
+    """Log and raise the divergence (with the experiment's own detail, e.g. an ensemble's members)."""
+    if hasattr(experiment, "divergence_detail"):
+        message += f"; {experiment.divergence_detail()}"
+    log(f"diverged: {message}")
+    raise RuntimeError(f"training diverged ({message}); see {run_dir / LOG_NAME}") from cause
 
 
 def training_step(
@@ -313,11 +328,16 @@ def train(
                     learnable = True
                     set_learnable_concat(model, True)
                     log(f"learnable concatenation on at iteration {state.step}")
-                loss = training_step(experiment, model, optimizer, data_generator, device, state.step, state.timers)
+                try:
+                    loss = training_step(experiment, model, optimizer, data_generator, device, state.step, state.timers)
+                except Exception as error:  # non-finite parameters surface as solver or input errors
+                    broken = non_finite_parameters(model)
+                    if not broken:
+                        raise
+                    _diverged(experiment, log, run_dir, f"non-finite parameters ({', '.join(broken[:3])}"
+                              f"{', ...' if len(broken) > 3 else ''}) at iteration {state.step + 1}", error)
                 if not torch.isfinite(loss):
-                    message = f"loss {loss.item()} at iteration {state.step + 1}"
-                    log(f"diverged: {message}")
-                    raise RuntimeError(f"training diverged ({message}); see {run_dir / LOG_NAME}")
+                    _diverged(experiment, log, run_dir, f"loss {loss.item()} at iteration {state.step + 1}")
                 state.step += 1
 
                 train_solver = None
