@@ -37,12 +37,21 @@ def resolve_checkpoint(path: PathLike) -> Path:
     return candidate
 
 
+def _read(path: PathLike) -> Tuple[Dict[str, Any], Any]:
+    """The checkpoint at ``path`` and its configuration."""
+    checkpoint = load_checkpoint(resolve_checkpoint(path))
+    return checkpoint, config_from_dict(checkpoint["config"])
+
+
 def load_model(
     path: PathLike, device: Union[str, torch.device] = "cpu"
 ) -> Tuple[nn.Module, Union[ToyConfig, RegressionConfig]]:
     """The trained model (in eval mode) and its configuration from a run folder or checkpoint."""
-    checkpoint = load_checkpoint(resolve_checkpoint(path))
-    config = config_from_dict(checkpoint["config"])
+    return _single_model(path, *_read(path), device)
+
+
+def _single_model(path: PathLike, checkpoint: Dict[str, Any], config: Any,
+                  device: Union[str, torch.device]) -> Tuple[nn.Module, Union[ToyConfig, RegressionConfig]]:
     if isinstance(config, ToyEnsembleConfig):
         raise ValueError(
             f"{path} holds {len(config.members)} runs trained together "
@@ -67,10 +76,13 @@ def _restore(model: nn.Module, checkpoint: Dict[str, Any], config: Any) -> None:
 
 def load_ensemble(path: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[List[nn.Module], ToyEnsembleConfig]:
     """The member flows (in eval mode) and configuration of an ensemble's checkpoint."""
+    return _ensemble_flows(path, *_read(path), device)
+
+
+def _ensemble_flows(path: PathLike, checkpoint: Dict[str, Any], config: Any,
+                    device: Union[str, torch.device]) -> Tuple[List[nn.Module], ToyEnsembleConfig]:
     from monoflow.experiments.toy2d_ensemble import ToyEnsembleExperiment
 
-    checkpoint = load_checkpoint(resolve_checkpoint(path))
-    config = config_from_dict(checkpoint["config"])
     if not isinstance(config, ToyEnsembleConfig):
         raise ValueError(f"{path} is a single {config.experiment} run, not an ensemble; use load_model")
     experiment = ToyEnsembleExperiment(config)
@@ -94,10 +106,10 @@ def evaluate_checkpoint(
 
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
-    checkpoint = load_checkpoint(resolve_checkpoint(path))
-    if config_from_dict(checkpoint["config"]).experiment == "toy2d_ensemble":
-        return _evaluate_ensemble(path, checkpoint["state"]["step"], samples, seed, device)
-    model, config = load_model(path, device)
+    checkpoint, config = _read(path)
+    if isinstance(config, ToyEnsembleConfig):
+        return _evaluate_ensemble(path, checkpoint, config, samples, seed, device)
+    model, config = _single_model(path, checkpoint, config, device)
     if samples is not None:
         config = replace(config, test_samples=int(samples))
     generator = torch.Generator().manual_seed(int(seed))
@@ -121,14 +133,14 @@ def evaluate_checkpoint(
     }
 
 
-def _evaluate_ensemble(path: PathLike, step: int, samples: Optional[int], seed: int,
-                       device: Union[str, torch.device]) -> Dict[str, Any]:
+def _evaluate_ensemble(path: PathLike, checkpoint: Dict[str, Any], config: ToyEnsembleConfig,
+                       samples: Optional[int], seed: int, device: Union[str, torch.device]) -> Dict[str, Any]:
     """Every member's test NLL, each on its own fresh data drawn with ``seed`` (as its run alone)."""
     from dataclasses import replace
 
     from monoflow.experiments.toy2d import toy_test
 
-    flows, config = load_ensemble(path, device)
+    flows, config = _ensemble_flows(path, checkpoint, config, device)
     members = []
     for flow, member in zip(flows, config.members):
         if samples is not None:
@@ -138,7 +150,7 @@ def _evaluate_ensemble(path: PathLike, step: int, samples: Optional[int], seed: 
     return {
         "experiment": config.experiment,
         "checkpoint": str(resolve_checkpoint(path)),
-        "iteration": step,
+        "iteration": checkpoint["state"]["step"],
         "metric_name": "nll_nats",
         "samples": config.members[0].test_samples if samples is None else int(samples),
         "seed": seed,
