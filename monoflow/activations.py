@@ -64,7 +64,7 @@ _PILA_SECOND_DERIVATIVE_SUP_OVER_K = 0.629
 
 def _check_k(k: float) -> float:
     k = float(k)
-    if not (math.isfinite(k) and k > 0):
+    if not 0 < k < math.inf:  # also rejects nan; plain comparisons trace under torch.compile
         raise ValueError(f"Pila needs a finite k > 0, got k={k}")
     return k
 
