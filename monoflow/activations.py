@@ -312,11 +312,16 @@ class CPila(nn.Module):
 
     def _slope_signs(self, x: torch.Tensor) -> torch.Tensor:
         """``[+1/scale] * C + [-1/scale] * C`` along dim 1, broadcastable against the output."""
+        def signs() -> torch.Tensor:
+            ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            return (torch.cat([ones, -ones]) / self.scale).view((1, -1) + (1,) * (x.dim() - 2))
+
+        if torch.compiler.is_compiling():  # a constant inside a compiled graph: no cache
+            return signs()
         key = (x.shape[1], x.dim(), x.dtype, x.device)
         cache = self.__dict__.setdefault("_sign_cache", {})
         if key not in cache:
-            ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-            cache[key] = (torch.cat([ones, -ones]) / self.scale).view((1, -1) + (1,) * (x.dim() - 2))
+            cache[key] = signs()
         return cache[key]
 
     def extra_repr(self) -> str:

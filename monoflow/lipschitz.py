@@ -109,7 +109,7 @@ def reuse_parameter_transforms():
 def _reused(owner: object, name: str, compute: Callable[[], object]):
     """``compute()``, or its value from earlier in the same :func:`reuse_parameter_transforms`."""
     cache = getattr(_PASS, "cache", None)
-    if cache is None:
+    if cache is None or torch.compiler.is_compiling():  # a compiled graph shares values itself
         return compute()
     key = (id(owner), name)
     if key not in cache:
@@ -159,7 +159,7 @@ class SpectralNormLayer(nn.Module):
         Without autograd (inside fixed-point solves) the result is cached until ``weight``,
         ``u`` or ``v`` change (tracked by their version counters)."""
         self._require_state()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return _reused(self, "normalized_weight", self._differentiable_normalized_weight)
         key = _version_key(self.weight, self.u, self.v)
         cache = self.__dict__.get("_normalized_cache")
@@ -554,7 +554,7 @@ class LipschitzDenseLayer(nn.Module):
         if not self.learnable_concat:
             # softplus(1) + 0.1 for both, rescaled: each is lip_coeff / sqrt(2)
             return self.lip_coeff / math.sqrt(2.0), self.lip_coeff / math.sqrt(2.0)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             key = _version_key(self.K1, self.K2)
             cache = self.__dict__.get("_eta_cache")
             if cache is None or cache[0] != key:

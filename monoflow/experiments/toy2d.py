@@ -13,13 +13,14 @@ through g (``DenseNet.jacobian``), so tests run under ``torch.no_grad``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import solver_stats
+from monoflow.compiled import DEFAULT_NEWTON_STEPS, CompiledFlowLoss
 from monoflow.data.toy import sample_toy
 from monoflow.experiments.config import ToyConfig, toy_config
 from monoflow.experiments.results import run_directory, summarize_solver
@@ -27,8 +28,10 @@ from monoflow.experiments.train import train
 from monoflow.lipschitz import update_lipschitz
 from monoflow.models import toy_flow
 
-__all__ = ["ToyExperiment", "run_toy", "build_toy_model", "toy_test", "DENSITY_EXTENT"]
+__all__ = ["ToyExperiment", "run_toy", "build_toy_model", "toy_test", "DENSITY_EXTENT", "COMPILABLE_MODELS"]
 
+#: Models whose training loss compiles (:class:`monoflow.compiled.CompiledFlowLoss`).
+COMPILABLE_MODELS = ("monotone", "idensenet")
 #: The figure's density grid covers [-4, 4]^2, as the paper's.
 DENSITY_EXTENT = 4.0
 
@@ -83,10 +86,17 @@ class ToyExperiment:
 
     metric_name = "nll_nats"
 
-    def __init__(self, config: ToyConfig) -> None:
+    def __init__(self, config: ToyConfig, compile: bool = False) -> None:
+        """``compile=True``: train with :class:`monoflow.compiled.CompiledFlowLoss` (Monotone Flow
+        and i-DenseNet); tests, figures and the recorded metric use the eager flow as always."""
         if not isinstance(config, ToyConfig):
             raise ValueError(f"ToyExperiment needs a ToyConfig, got {type(config).__name__}")
+        if compile and config.model not in COMPILABLE_MODELS:
+            raise ValueError(f"compile=True supports the models {', '.join(COMPILABLE_MODELS)}; "
+                             f"{config.model!r} has a g without Jacobian propagation")
         self.config = config
+        self.compile = bool(compile)
+        self._compiled_loss: Optional[CompiledFlowLoss] = None
 
     def build_model(self) -> nn.Module:
         return build_toy_model(self.config)
@@ -95,13 +105,24 @@ class ToyExperiment:
         return sample_toy(self.config.dataset, self.config.batch_size, generator).to(device)
 
     def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
-        return -model.log_prob(batch).mean()
+        if not self.compile:
+            return -model.log_prob(batch).mean()
+        if self._compiled_loss is None or self._compiled_loss.flow is not model:
+            self._compiled_loss = CompiledFlowLoss(model)
+        return self._compiled_loss(batch)
+
+    def session_notes(self) -> Dict[str, Any]:
+        """How this session computes the training loss (recorded with the session in run.json)."""
+        if not self.compile:
+            return {"training_loss": "eager"}
+        return {"training_loss": f"compiled ({DEFAULT_NEWTON_STEPS} Newton steps per solve)"}
 
     def evaluate(self, model: nn.Module, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
         return toy_test(model, self.config, generator, device)
 
     def finalize(self, model: nn.Module, run_dir: Path, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
-        """Density on a grid over [-4, 4]^2, model samples and data; saved as figure.npz / figure.png."""
+        """Density on a grid over [-4, 4]^2, model samples and data; saved as figure.npz / figure.png
+        (and, for a compiled loss, how many of this session's batches fell back to the eager one)."""
         from monoflow.experiments.figures import save_toy_figure
 
         config = self.config
@@ -118,7 +139,12 @@ class ToyExperiment:
         np.savez_compressed(run_dir / "figure.npz", **arrays)
         save_toy_figure(arrays, run_dir / "figure.png", title=f"{config.model} on {config.dataset}")
         finite = bool(np.isfinite(samples).all())
-        return {"figure": {"png": "figure.png", "arrays": "figure.npz", "samples_finite": finite,
+        extra: Dict[str, Any] = {}
+        if self._compiled_loss is not None:
+            extra["compiled_loss"] = {"newton_steps": self._compiled_loss.newton_steps,
+                                      "batches_last_session": self._compiled_loss.batches,
+                                      "eager_fallbacks_last_session": self._compiled_loss.fallbacks}
+        return {**extra, "figure": {"png": "figure.png", "arrays": "figure.npz", "samples_finite": finite,
                            "density_mass_on_grid": float(density.sum() * (axis[1] - axis[0]) ** 2)}}
 
 
@@ -128,11 +154,13 @@ def run_toy(
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
+    compile: bool = False,
 ) -> Dict[str, Any]:
     """Train, test and record one 2-D run in ``output_dir/toy2d/<preset>/<model>/<dataset>/seed<k>``.
 
     Resumes from the run's checkpoint if there is one; returns the finished record without
     training if the run is already finished (see :func:`monoflow.experiments.train.train`).
+    ``compile=True`` trains with the compiled loss (:class:`ToyExperiment`).
     """
     config = config if config is not None else toy_config()
-    return train(ToyExperiment(config), run_directory(config, output_dir), device, progress, stop_after)
+    return train(ToyExperiment(config, compile), run_directory(config, output_dir), device, progress, stop_after)

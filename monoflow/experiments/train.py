@@ -276,9 +276,11 @@ def train(
     else:
         log(f"start {config.experiment} {config_dict}")
     session = provenance(device)
+    notes = getattr(experiment, "session_notes", dict)()
     state.sessions.append({"iteration": state.step, **{key: session[key] for key in
-                                                       ("git_commit", "device", "created", "command")}})
-    log(f"session at iteration {state.step}: commit {session['git_commit']}, {session['device']}")
+                                                       ("git_commit", "device", "created", "command")}, **notes})
+    log(f"session at iteration {state.step}: commit {session['git_commit']}, {session['device']}"
+        + "".join(f", {key.replace('_', ' ')}: {value}" for key, value in notes.items()))
 
     def save() -> None:
         save_checkpoint(

@@ -1,0 +1,152 @@
+"""CompiledFlowLoss: the eager flow's loss and gradients, from one compiled graph.
+
+Each compile takes tens of seconds on two cores, so the compiled losses are module fixtures and
+the training test uses the same architecture (the inductor cache then shortens its compile).
+"""
+import math
+
+import pytest
+import torch
+
+from monoflow.cli import main
+from monoflow.compiled import CompiledFlowLoss, newton_resolvent
+from monoflow.experiments import run_toy, toy_config
+from monoflow.experiments.toy2d import ToyExperiment
+from monoflow.lipschitz import dense_mlp, set_learnable_concat
+from monoflow.models import toy_flow
+
+ARCHITECTURE = dict(nblocks=2, depth=1, growth=8)
+
+
+def _spread_weights(flow):
+    """Larger weights than at initialisation, so g is far from zero and the solves do real work."""
+    with torch.no_grad():
+        for name, parameter in flow.named_parameters():
+            if name.endswith("weight"):
+                parameter.mul_(3.0)
+    return flow
+
+
+@pytest.fixture(scope="module")
+def monotone():
+    torch.manual_seed(0)
+    flow = _spread_weights(toy_flow("monotone", **ARCHITECTURE))
+    set_learnable_concat(flow, True)
+    return flow, CompiledFlowLoss(flow)
+
+
+@pytest.fixture(scope="module")
+def idensenet():
+    torch.manual_seed(1)
+    flow = _spread_weights(toy_flow("idensenet", **ARCHITECTURE))
+    set_learnable_concat(flow, True)
+    return flow, CompiledFlowLoss(flow)
+
+
+def _check_against_eager(flow, loss_fn, x):
+    parameters = [p for _, p in flow.named_parameters()]
+    eager = -flow.log_prob(x).mean()
+    eager_grads = torch.autograd.grad(eager, parameters)
+    loss = loss_fn(x)
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    assert loss_fn.fallbacks == 0
+    assert abs(loss.item() - eager.item()) <= 1e-5 * abs(eager.item())
+    for (name, _), mine, theirs in zip(flow.named_parameters(), grads, eager_grads):
+        assert mine is not None, f"{name} receives no gradient"
+        assert float(theirs.abs().max()) > 0, f"{name}: eager gradient is zero"
+        assert torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max())), name
+
+
+def test_monotone_loss_and_every_gradient_equal_the_eager_flow(monotone):
+    flow, loss_fn = monotone
+    x = 2 * torch.randn(256, 2)
+    _check_against_eager(flow, loss_fn, x)
+    # the map changes volume: the log-det is not zero
+    _, logdet = flow(x)
+    assert float(logdet.abs().mean()) > 0.1
+
+
+def test_idensenet_loss_and_every_gradient_equal_the_eager_flow(idensenet):
+    flow, loss_fn = idensenet
+    _check_against_eager(flow, loss_fn, 2 * torch.randn(256, 2))
+
+
+def test_newton_solves_are_recorded_and_converged(monotone):
+    flow, loss_fn = monotone
+    loss_fn(2 * torch.randn(128, 2))
+    for block in flow.blocks:
+        summary = block.last_solves["forward"].summary()
+        assert summary["iterations_mean"] == loss_fn.newton_steps + 1
+        assert summary["converged_fraction"] == 1.0
+        assert summary["residual_max"] < 1e-4
+        assert "adjoint" not in block.last_solves
+
+
+def test_newton_resolvent_solves_and_has_the_implicit_gradient(float64):
+    torch.manual_seed(3)
+    g = dense_mlp(2, 2, 8, "cpila", coeff=0.9, lip_coeff=0.98)
+    with torch.no_grad():
+        for layer in g.layers[:-1]:
+            layer.linear.weight.mul_(3.0)
+    b = torch.randn(5, 2, requires_grad=True)
+    w, residual = newton_resolvent(g, b, steps=6)
+    assert float((w + g(w) - b).abs().max()) < 1e-12 and float(residual.max()) < 1e-10
+    # dw/db = (I + J)^-1 at the solution, from finite differences of the solve
+    _, jac = g.jacobian(w.detach())
+    expected = torch.linalg.inv(torch.eye(2) + jac)
+    (row,) = torch.autograd.grad(w[:, 0].sum(), b)
+    assert torch.allclose(row, expected[:, 0, :], atol=1e-10)
+    eps = 1e-6
+    shifted, _ = newton_resolvent(g, (b + eps * torch.tensor([1.0, 0.0])).detach(), steps=6)
+    assert torch.allclose((shifted - w.detach()) / eps, expected[:, :, 0], atol=1e-5)
+
+
+def test_a_missed_tolerance_falls_back_to_the_eager_loss(monotone):
+    flow, loss_fn = monotone
+    x = 2 * torch.randn(64, 2)
+    before = loss_fn.fallbacks
+    loss_fn.atol, loss_fn.rtol = 0.0, 0.0
+    try:
+        loss = loss_fn(x)
+    finally:
+        loss_fn.atol, loss_fn.rtol = None, None
+    assert loss_fn.fallbacks == before + 1
+    assert torch.equal(loss, -flow.log_prob(x).mean())
+
+
+def test_unsupported_flows_and_inputs_are_named():
+    with pytest.raises(ValueError, match="dense_mlp"):
+        CompiledFlowLoss(toy_flow("resflow", nblocks=1, depth=1))
+    with pytest.raises(ValueError, match="logdet='exact'"):
+        CompiledFlowLoss(toy_flow("monotone", nblocks=1, depth=1, growth=4, logdet="power_series"))
+    with pytest.raises(ValueError, match="needs a monoflow Flow"):
+        CompiledFlowLoss(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="newton_steps"):
+        CompiledFlowLoss(toy_flow("monotone", nblocks=1, depth=1, growth=4), newton_steps=-1)
+    loss_fn = CompiledFlowLoss(toy_flow("monotone", nblocks=1, depth=1, growth=4))
+    with pytest.raises(ValueError, match=r"shape \(batch, 2\)"):
+        loss_fn(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="compile=True supports"):
+        ToyExperiment(toy_config("quick", model="resflow"), compile=True)
+
+
+def test_cli_rejects_compile_with_together(tmp_path, capsys):
+    code = main(["table1", "--compile", "--together", "--datasets", "moons", "--output", str(tmp_path)])
+    assert code != 0
+    assert "--compile and --together" in capsys.readouterr().err
+
+
+def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
+    tiny = dict(ARCHITECTURE, batch_size=64, iterations=6, test_every=3, test_samples=256, report_last=2,
+                roundtrip_points=32, figure_grid=16, figure_samples=128, learnable_concat_from=3)
+    config = toy_config("quick", model="monotone", dataset="moons", **tiny)
+    compiled = run_toy(config, tmp_path / "compiled", progress=False, compile=True)
+    eager = run_toy(config, tmp_path / "eager", progress=False)
+    assert compiled["status"] == eager["status"] == "finished"
+    assert compiled["sessions"][-1]["training_loss"].startswith("compiled")
+    assert eager["sessions"][-1]["training_loss"] == "eager"
+    assert compiled["compiled_loss"]["batches_last_session"] == 6
+    assert compiled["compiled_loss"]["eager_fallbacks_last_session"] == 0
+    for mine, theirs in zip(compiled["tests"], eager["tests"]):
+        assert math.isclose(mine["train_loss"], theirs["train_loss"], rel_tol=1e-4)
+        assert math.isclose(mine["metric"], theirs["metric"], rel_tol=1e-4)
