@@ -150,3 +150,10 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     for mine, theirs in zip(compiled["tests"], eager["tests"]):
         assert math.isclose(mine["train_loss"], theirs["train_loss"], rel_tol=1e-4)
         assert math.isclose(mine["metric"], theirs["metric"], rel_tol=1e-4)
+    # stopped and resumed (a new process would compile again): the same run
+    stopped = run_toy(config, tmp_path / "resumed", progress=False, compile=True, stop_after=4)
+    assert stopped["status"] == "interrupted"
+    resumed = run_toy(config, tmp_path / "resumed", progress=False, compile=True)
+    assert [t["metric"] for t in resumed["tests"]] == pytest.approx([t["metric"] for t in compiled["tests"]], rel=1e-6)
+    assert [t["train_loss"] for t in resumed["tests"]] == pytest.approx(
+        [t["train_loss"] for t in compiled["tests"]], rel=1e-6)
