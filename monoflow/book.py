@@ -465,7 +465,9 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
     ``run_dir``) and of :func:`monoflow.images.results.read_runs` (folder in ``_dir``).
     Columns: run (folder, relative to ``root``), git commit, device, created (UTC),
     iterations, wall time in minutes (of the whole process), and how many runs that process
-    trained together (``monoflow.ensemble``; 1 for a run alone).
+    trained together (``monoflow.ensemble``; 1 for a run alone); when some run trained with the
+    compiled loss (``--compile``), also "training loss": ``compiled``, ``eager`` or both, from its
+    sessions (runs that predate the record were eager).
     """
     import pandas as pd
 
@@ -488,9 +490,18 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
             "iterations": timing.get("iterations", record.get("iterations")),
             "wall time (min)": None if wall is None else round(float(wall) / 60, 1),
             "runs trained together": int(record.get("ensemble", {}).get("size", 1)),
+            "training loss": _training_loss(record),
         })
     columns = ["run", "git commit", "device", "created (UTC)", "iterations", "wall time (min)", "runs trained together"]
+    if any(row["training loss"] != "eager" for row in rows):
+        columns.append("training loss")
     return pd.DataFrame(rows, columns=columns)
+
+
+def _training_loss(record: Mapping[str, Any]) -> str:
+    """``eager``, ``compiled`` or ``eager + compiled`` over a run's sessions."""
+    kinds = {str(session.get("training_loss", "eager")).split(" ")[0] for session in record.get("sessions") or []}
+    return " + ".join(sorted(kinds)) if kinds else "eager"
 
 
 def provenance(parameters: Mapping[str, Any], device: Optional[str] = None) -> "Any":

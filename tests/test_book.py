@@ -174,6 +174,18 @@ def test_results_provenance_names_runs_trained_together(tmp_path):
     assert list(table["run"]) == ["toy2d/a", "toy2d/b"]
     assert list(table["runs trained together"]) == [1, 7]
     assert list(table["wall time (min)"]) == [2.0, 2.0] and list(table["git commit"]) == ["0123456789ab"] * 2
+    assert "training loss" not in table.columns  # every run eager: no column
+
+
+def test_results_provenance_names_the_training_loss_when_one_was_compiled(tmp_path):
+    base = {"provenance": {"git_commit": "0123456789abcdef", "device": "cpu"}, "timing": {"wall_time_s": 60.0}}
+    old = {**base, "run_dir": str(tmp_path / "a")}
+    compiled = {**base, "run_dir": str(tmp_path / "b"),
+                "sessions": [{"training_loss": "compiled (4 Newton steps per solve)"}]}
+    mixed = {**base, "run_dir": str(tmp_path / "c"),
+             "sessions": [{"training_loss": "eager"}, {"training_loss": "compiled (4 Newton steps per solve)"}]}
+    table = results_provenance([old, compiled, mixed], tmp_path)
+    assert list(table["training loss"]) == ["eager", "compiled", "compiled + eager"]
 
 
 def test_cli_registers_book_command():
