@@ -18,8 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from monoflow.experiments.config import toy_config
 from monoflow.experiments.toy2d import COMPILABLE_MODELS, ToyExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
 from monoflow.lipschitz import set_learnable_concat
-from monoflow.provenance import provenance
+from monoflow.provenance import benchmark_report, save_benchmark_report
 
 TARGET_MINUTES = 20.0
 
@@ -112,13 +110,7 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "compiled_loss_speed.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report: Dict[str, Any] = {
-        "provenance": provenance("cpu"),
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "runs": [],
-    }
+    report = benchmark_report("cpu", threads=args.threads)
     for name in args.models:
         row = measure(name, args.repeats, args.calls)
         report["runs"].append(row)
@@ -127,8 +119,7 @@ def main(argv: Any = None) -> int:
               f"paper-scale run {row['projected_run_minutes_compiled']:.0f} min against {TARGET_MINUTES:.0f}; "
               f"compile {row['compile_s']:.0f} s; gradient difference "
               f"{row['check']['largest_relative_gradient_difference']:.1e}", flush=True)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
+        save_benchmark_report(report, args.output)
     print(f"wrote {args.output}")
     return 0
 

@@ -25,8 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 import types
@@ -42,7 +40,7 @@ from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.toy2d import ToyExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
 from monoflow.lipschitz import DenseNet, dense_layer_output, set_learnable_concat
-from monoflow.provenance import provenance
+from monoflow.provenance import benchmark_report, save_benchmark_report
 
 SETTINGS = {
     "toy2d monotone": lambda: ToyExperiment(toy_config("paper", model="monotone", dataset="8gaussians")),
@@ -238,13 +236,7 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "dense_speed.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report: Dict[str, Any] = {
-        "provenance": provenance("cpu"),
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "runs": [],
-    }
+    report = benchmark_report("cpu", threads=args.threads)
     for name in tqdm(args.settings, desc="dense benchmark"):
         row = measure(name, args.repeats, args.compile)
         report["runs"].append(row)
@@ -254,8 +246,7 @@ def main(argv: Any = None) -> int:
             line += (f"; compiled: g x{row['g_without_autograd']['speedup_compiled']:.2f}, "
                      f"iteration x{row['training_iteration']['speedup_compiled']:.2f}")
         tqdm.write(line)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
+        save_benchmark_report(report, args.output)
     print(f"wrote {args.output}")
     return 0
 

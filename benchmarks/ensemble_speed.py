@@ -15,22 +15,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, List
 
 import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_speed import measure, save_report  # noqa: E402
+from toy_speed import measure  # noqa: E402
 
 from monoflow.data.toy import TOY_DATASETS  # noqa: E402
 from monoflow.experiments.config import TOY_MODELS, ToyEnsembleConfig, toy_config  # noqa: E402
 from monoflow.experiments.toy2d import ToyExperiment  # noqa: E402
 from monoflow.experiments.toy2d_ensemble import ToyEnsembleExperiment  # noqa: E402
-from monoflow.provenance import provenance  # noqa: E402
+from monoflow.provenance import benchmark_report, save_benchmark_report  # noqa: E402
 
 
 def members(model: str, size: int) -> List[Any]:
@@ -52,12 +51,7 @@ def main(argv: Any = None) -> int:
     if any(size < 1 for size in args.sizes):
         parser.error("--sizes must be positive")
 
-    report: Dict[str, Any] = {
-        "provenance": provenance(args.device),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "runs": [],
-    }
+    report = benchmark_report(args.device)
     sizes = sorted(set(args.sizes) | {1})
     bar = tqdm(total=len(sizes) * len(args.models) * len(args.threads), desc="ensemble benchmark")
     for threads in args.threads:
@@ -82,7 +76,7 @@ def main(argv: Any = None) -> int:
                           f"= {1000 * per_member:6.1f} ms per run-iteration, x{row['speedup_vs_alone']:.2f} vs alone; "
                           f"{size} paper runs in {row['projected_hours_for_size_runs']:.1f} h")
                 bar.update(1)
-                save_report(report, args.output)
+                save_benchmark_report(report, args.output)
     bar.close()
     print(f"wrote {args.output}")
     return 0

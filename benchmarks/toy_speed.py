@@ -28,8 +28,6 @@ import contextlib
 import cProfile
 import functools
 import io
-import json
-import os
 import platform
 import pstats
 import time
@@ -44,7 +42,7 @@ from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.results import summarize_solver
 from monoflow.experiments.toy2d import ToyExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
-from monoflow.provenance import provenance
+from monoflow.provenance import benchmark_report, save_benchmark_report
 
 TOY_TARGET_S = 20 * 60 / 50000
 REGRESSION_TARGET_S = 30 * 60 / 15000
@@ -115,12 +113,6 @@ def sub_phase_timers(timers: Dict[str, float]):
         for owner, name, original in originals:
             if original is not None:
                 setattr(owner, name, original)
-
-
-def save_report(report: Dict[str, Any], path: Path) -> None:
-    """Write the report so far (after every measurement: a stopped benchmark keeps its rows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -203,14 +195,8 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "toy_speed.json")
     args = parser.parse_args(argv)
 
-    report: Dict[str, Any] = {
-        "provenance": provenance("cpu"),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "machine": platform.processor() or platform.machine(),
-        "targets_s_per_iteration": {"toy2d": TOY_TARGET_S, "regression1d": REGRESSION_TARGET_S},
-        "runs": [],
-    }
+    report = benchmark_report("cpu", machine=platform.processor() or platform.machine(),
+                              targets_s_per_iteration={"toy2d": TOY_TARGET_S, "regression1d": REGRESSION_TARGET_S})
     jobs = [("toy2d", model) for model in args.toy_models] + [("regression1d", model) for model in args.regression_models]
     bar = tqdm(total=len(jobs) * len(args.threads), desc="benchmark")
     for threads in args.threads:
@@ -235,7 +221,7 @@ def main(argv: Any = None) -> int:
                 + f"  (target {1000 * target:.0f} ms, full run {result['projected_run_minutes']:.1f} min)"
             )
             bar.update(1)
-            save_report(report, args.output)
+            save_benchmark_report(report, args.output)
     bar.close()
     print(f"wrote {args.output}")
     return 0

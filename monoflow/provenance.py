@@ -6,6 +6,8 @@ the code and machine that produced it.
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-__all__ = ["provenance", "git_commit", "device_description"]
+__all__ = ["provenance", "git_commit", "device_description", "benchmark_report", "save_benchmark_report"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -72,3 +74,19 @@ def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[s
     }
     record.update(extra)
     return record
+
+
+def benchmark_report(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[str, Any]:
+    """The head of a benchmark report: :func:`provenance`, the number of CPUs and the machine's
+    load average when the benchmark started (timings on a busy machine are longer), ``extra``
+    fields, and an empty ``runs`` list."""
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"provenance": provenance(device), "cpu_count": os.cpu_count(), "load_average_at_start": load,
+            **extra, "runs": []}
+
+
+def save_benchmark_report(report: Dict[str, Any], path: Union[str, Path]) -> None:
+    """Write a benchmark report as JSON (after every measurement: a stopped benchmark keeps its rows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")

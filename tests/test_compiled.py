@@ -27,20 +27,21 @@ def _spread_weights(flow):
     return flow
 
 
-@pytest.fixture(scope="module")
-def monotone():
-    torch.manual_seed(0)
-    flow = _spread_weights(toy_flow("monotone", **ARCHITECTURE))
+def _flow_and_loss(kind, seed):
+    torch.manual_seed(seed)
+    flow = _spread_weights(toy_flow(kind, **ARCHITECTURE))
     set_learnable_concat(flow, True)
     return flow, CompiledFlowLoss(flow)
+
+
+@pytest.fixture(scope="module")
+def monotone():
+    return _flow_and_loss("monotone", 0)
 
 
 @pytest.fixture(scope="module")
 def idensenet():
-    torch.manual_seed(1)
-    flow = _spread_weights(toy_flow("idensenet", **ARCHITECTURE))
-    set_learnable_concat(flow, True)
-    return flow, CompiledFlowLoss(flow)
+    return _flow_and_loss("idensenet", 1)
 
 
 def _check_against_eager(flow, loss_fn, x):
