@@ -15,6 +15,9 @@ much as computing. :class:`CompiledFlowLoss` computes the same loss,
   :math:`\log|\det F'| = \log|\det(I-J)| - \log|\det(I+J)|` at that point, as the eager block.
 * :class:`~monoflow.blocks.ResidualBlock`: :math:`y = x + g(x)`, :math:`\log|\det(I + J(x))|`.
 
+:class:`CompiledUpdate` compiles what follows the backward pass: the optimiser's step and the power
+iterations of every spectral norm (``update_lipschitz``), a few hundred more small operators.
+
 Supported: flows of these blocks whose g propagates Jacobians (``DenseNet`` from ``dense_mlp``)
 with ``logdet="exact"`` (the paper's 2-D toy models Monotone Flow and i-DenseNet). Every solve's
 residual is checked against the solver's tolerance; a batch where one misses it is recomputed by
@@ -29,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import MonotoneBlock, ResidualBlock
-from monoflow.lipschitz import DenseNet
+from monoflow.lipschitz import DenseNet, update_lipschitz
 from monoflow.logdet import CAYLEY, RESIDUAL, ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
 
-__all__ = ["CompiledFlowLoss", "DEFAULT_NEWTON_STEPS", "newton_resolvent"]
+__all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "newton_resolvent"]
 
 #: Newton converges quadratically: from w = b, 4 steps reach float32 precision on the toy models.
 DEFAULT_NEWTON_STEPS = 4
@@ -167,3 +170,23 @@ class CompiledFlowLoss:
     def describe(self) -> str:
         """One line for logs."""
         return f"compiled loss ({self.newton_steps} Newton steps per solve)"
+
+
+class CompiledUpdate:
+    """``update()``: ``optimizer.step()`` then ``power_iterations`` power iterations of every
+    spectral norm of ``model`` (:func:`~monoflow.lipschitz.update_lipschitz`), compiled with
+    ``torch.compile``. The same updates as the eager calls up to rounding; the first call compiles
+    (once more if a learning rate changes, which ``torch.compile`` treats as a constant)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, power_iterations: int):
+        if not isinstance(power_iterations, int) or isinstance(power_iterations, bool) or power_iterations < 0:
+            raise ValueError(f"power_iterations must be a non-negative int, got {power_iterations!r}")
+        self.model, self.optimizer, self.power_iterations = model, optimizer, power_iterations
+        self._update = torch.compile(self._eager)
+
+    def _eager(self) -> None:
+        self.optimizer.step()
+        update_lipschitz(self.model, n_iterations=self.power_iterations)
+
+    def __call__(self) -> None:
+        self._update()

@@ -3,16 +3,18 @@
 Each compile takes tens of seconds on two cores, so the compiled losses are module fixtures and
 the training test uses the same architecture (the inductor cache then shortens its compile).
 """
+import copy
 import math
 
 import pytest
 import torch
 
 from monoflow.cli import main
-from monoflow.compiled import CompiledFlowLoss, newton_resolvent
+from monoflow.compiled import CompiledFlowLoss, CompiledUpdate, newton_resolvent
 from monoflow.experiments import run_toy, toy_config
 from monoflow.experiments.toy2d import ToyExperiment
-from monoflow.lipschitz import dense_mlp, set_learnable_concat
+from monoflow.experiments.train import make_optimizer
+from monoflow.lipschitz import dense_mlp, set_learnable_concat, update_lipschitz
 from monoflow.models import toy_flow
 
 ARCHITECTURE = dict(nblocks=2, depth=1, growth=8)
@@ -113,6 +115,31 @@ def test_a_missed_tolerance_falls_back_to_the_eager_loss(monotone):
         loss_fn.atol, loss_fn.rtol = None, None
     assert loss_fn.fallbacks == before + 1
     assert torch.equal(loss, -flow.log_prob(x).mean())
+
+
+def test_compiled_update_equals_adam_and_power_iterations():
+    torch.manual_seed(4)
+    config = toy_config("quick")
+    eager_model = _spread_weights(toy_flow("idensenet", **ARCHITECTURE))
+    compiled_model = copy.deepcopy(eager_model)
+    initial = copy.deepcopy(eager_model.state_dict())
+    optimizers = [make_optimizer(m, config) for m in (eager_model, compiled_model)]
+    update = CompiledUpdate(compiled_model, optimizers[1], power_iterations=5)
+    for step in range(3):
+        x = 2 * torch.randn(64, 2)
+        for model, optimizer in zip((eager_model, compiled_model), optimizers):
+            optimizer.zero_grad()
+            (-model.log_prob(x).mean()).backward()
+        optimizers[0].step()
+        update_lipschitz(eager_model, n_iterations=5)
+        update()
+    eager_state, compiled_state = eager_model.state_dict(), compiled_model.state_dict()
+    for name, value in eager_state.items():
+        assert torch.allclose(compiled_state[name], value, rtol=1e-5, atol=1e-6), name
+    moved = [name for name, value in compiled_state.items() if not torch.equal(value, initial[name])]
+    assert any(name.endswith("weight") for name in moved) and any(name.endswith(".u") for name in moved)
+    with pytest.raises(ValueError, match="power_iterations"):
+        CompiledUpdate(compiled_model, optimizers[1], power_iterations=-1)
 
 
 def test_unsupported_flows_and_inputs_are_named():

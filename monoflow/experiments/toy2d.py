@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import solver_stats
-from monoflow.compiled import DEFAULT_NEWTON_STEPS, CompiledFlowLoss
+from monoflow.compiled import DEFAULT_NEWTON_STEPS, CompiledFlowLoss, CompiledUpdate
 from monoflow.data.toy import sample_toy
 from monoflow.experiments.config import ToyConfig, toy_config
 from monoflow.experiments.results import run_directory, summarize_solver
@@ -88,7 +88,8 @@ class ToyExperiment:
 
     def __init__(self, config: ToyConfig, compile: bool = False) -> None:
         """``compile=True``: train with :class:`monoflow.compiled.CompiledFlowLoss` (Monotone Flow
-        and i-DenseNet); tests, figures and the recorded metric use the eager flow as always."""
+        and i-DenseNet) and :class:`~monoflow.compiled.CompiledUpdate`; tests, figures and the
+        recorded metric use the eager flow as always."""
         if not isinstance(config, ToyConfig):
             raise ValueError(f"ToyExperiment needs a ToyConfig, got {type(config).__name__}")
         if compile and config.model not in COMPILABLE_MODELS:
@@ -97,6 +98,7 @@ class ToyExperiment:
         self.config = config
         self.compile = bool(compile)
         self._compiled_loss: Optional[CompiledFlowLoss] = None
+        self._compiled_update: Optional[CompiledUpdate] = None
 
     def build_model(self) -> nn.Module:
         return build_toy_model(self.config)
@@ -110,6 +112,15 @@ class ToyExperiment:
         if self._compiled_loss is None or self._compiled_loss.flow is not model:
             self._compiled_loss = CompiledFlowLoss(model)
         return self._compiled_loss(batch)
+
+    def compiled_update(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[CompiledUpdate]:
+        """With ``compile=True``: Adam's step and the power iterations as one compiled function."""
+        if not self.compile:
+            return None
+        update = self._compiled_update
+        if update is None or update.model is not model or update.optimizer is not optimizer:
+            update = self._compiled_update = CompiledUpdate(model, optimizer, self.config.power_iterations)
+        return update
 
     def session_notes(self) -> Dict[str, Any]:
         """How this session computes the training loss (recorded with the session in run.json)."""

@@ -189,7 +189,8 @@ def training_step(
     timers: Dict[str, float],
 ) -> torch.Tensor:
     """One iteration: set the learning rate of ``step``, draw a batch, forward, backward, Adam step,
-    ``update_lipschitz(model, n_iterations=power_iterations)``. Adds the seconds of each phase
+    ``update_lipschitz(model, n_iterations=power_iterations)`` (the last two compiled when the
+    experiment's ``compiled_update(model, optimizer)`` returns a callable). Adds the seconds of each phase
     (:data:`TIMED_PHASES`) to ``timers``; returns the (detached) loss. A non-finite loss is
     returned before any parameter changes."""
     config = experiment.config
@@ -212,8 +213,12 @@ def training_step(
     tock = time.perf_counter()
     timers["backward"] += tock - tick
 
-    optimizer.step()
-    update_lipschitz(model, n_iterations=config.power_iterations)
+    compiled_update = getattr(experiment, "compiled_update", lambda *_: None)(model, optimizer)
+    if compiled_update is not None:
+        compiled_update()
+    else:
+        optimizer.step()
+        update_lipschitz(model, n_iterations=config.power_iterations)
     timers["optimizer"] += time.perf_counter() - tock
     return loss.detach()
 
