@@ -1,4 +1,4 @@
-"""The compiled training loss (``monoflow.compiled.CompiledFlowLoss``) against the eager one.
+"""Training with ``--compile`` (``monoflow.compiled``) against eager training.
 
 For the paper's 2-D Monotone Flow and i-DenseNet (10 blocks, exact log-det, learnable
 concatenation on, after 20 eager iterations so that g is away from its initialisation), in one
@@ -7,8 +7,10 @@ process and on the same model:
 1. compile, and time the first call;
 2. check the compiled loss and every parameter's gradient against ``-flow.log_prob(x).mean()``;
 3. time whole training iterations (``training_step``: batch, loss, backward, Adam, power
-   iterations) with the eager and the compiled loss, alternating, and report the median of each,
-   their ratio and the projected time of a paper-scale run against the 20-minute target.
+   iterations) of ``ToyExperiment(config)`` and of ``ToyExperiment(config, compile=True)`` (compiled
+   loss, and Adam with the power iterations as ``CompiledUpdate``), alternating, and report the
+   median of each, their ratio and the projected time of a paper-scale run against the 20-minute
+   target.
 
 Usage::
 
