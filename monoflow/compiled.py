@@ -38,6 +38,18 @@ from monoflow.solvers import SolverInfo, default_tolerances
 
 __all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "newton_resolvent"]
 
+def _run_compiled(function, what: str, *args):
+    """``function(*args)``; a failed compilation becomes an error that says what to do."""
+    try:
+        return function(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        inner = getattr(error, "inner_exception", error)
+        raise RuntimeError(
+            f"torch.compile could not compile {what} ({type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}); "
+            "on a CPU it needs a working C++ compiler (gcc or clang): install one, or train without --compile"
+        ) from error
+
+
 #: Newton converges quadratically: from w = b, 4 steps reach float32 precision on the toy models.
 DEFAULT_NEWTON_STEPS = 4
 SQRT2 = math.sqrt(2.0)
@@ -143,7 +155,7 @@ class CompiledFlowLoss:
         if not torch.is_tensor(x) or x.dim() != 2 or (dim is not None and x.shape[1] != dim):
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"CompiledFlowLoss expects a batch of shape (batch, {dim or 'd'}), got {shape}")
-        loss, residuals, norms = self._loss(x)
+        loss, residuals, norms = _run_compiled(self._loss, "the training loss", x)
         self.batches += 1
         converged = self._record(residuals, norms, x)
         if not converged:
@@ -189,4 +201,4 @@ class CompiledUpdate:
         update_lipschitz(self.model, n_iterations=self.power_iterations)
 
     def __call__(self) -> None:
-        self._update()
+        _run_compiled(self._update, "the parameter update")

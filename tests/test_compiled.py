@@ -158,6 +158,19 @@ def test_unsupported_flows_and_inputs_are_named():
         ToyExperiment(toy_config("quick", model="resflow"), compile=True)
 
 
+def test_a_failed_compilation_says_what_to_do():
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    loss_fn = CompiledFlowLoss(toy_flow("monotone", nblocks=1, depth=1, growth=4))
+
+    def no_compiler(x):
+        raise BackendCompilerFailed(None, RuntimeError("Compiler: cc is not found"), None)
+
+    loss_fn._loss = no_compiler
+    with pytest.raises(RuntimeError, match="needs a working C\\+\\+ compiler.*without --compile"):
+        loss_fn(torch.randn(4, 2))
+
+
 def test_cli_rejects_compile_with_together(tmp_path, capsys):
     code = main(["table1", "--compile", "--together", "--datasets", "moons", "--output", str(tmp_path)])
     assert code != 0
