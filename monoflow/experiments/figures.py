@@ -171,7 +171,7 @@ def plot_toy_grid(
             try:
                 arrays = load_toy_arrays(run_dir)
             except FileNotFoundError:
-                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, "no finished run", ha="center", va="center", transform=ax.transAxes)
                 _clean(ax, model)
                 continue
             _density(ax, arrays)
@@ -221,7 +221,7 @@ def plot_regression_fits(
             arrays = load_regression_arrays(run_dir)
             record = load_run(run_dir)
         except FileNotFoundError:
-            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no finished run", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(model, fontsize=9)
             continue
         _draw_fit(ax, arrays, f"{model}\nMSE {record['final_metric']:.2e}")
