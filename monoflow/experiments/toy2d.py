@@ -126,7 +126,8 @@ class ToyExperiment:
         """How this session computes the training loss (recorded with the session in run.json)."""
         if not self.compile:
             return {"training_loss": "eager"}
-        return {"training_loss": f"compiled ({DEFAULT_NEWTON_STEPS} Newton steps per solve)"}
+        solves = f" ({DEFAULT_NEWTON_STEPS} Newton steps per solve)" if self.config.model == "monotone" else ""
+        return {"training_loss": "compiled" + solves}
 
     def evaluate(self, model: nn.Module, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
         return toy_test(model, self.config, generator, device)
