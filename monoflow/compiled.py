@@ -38,6 +38,12 @@ from monoflow.solvers import SolverInfo, default_tolerances
 
 __all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "newton_resolvent"]
 
+
+#: Newton converges quadratically: from w = b, 4 steps reach float32 precision on the toy models.
+DEFAULT_NEWTON_STEPS = 4
+SQRT2 = math.sqrt(2.0)
+
+
 def _run_compiled(function, what: str, *args):
     """``function(*args)``; a failed compilation becomes an error that says what to do."""
     try:
@@ -48,11 +54,6 @@ def _run_compiled(function, what: str, *args):
             f"torch.compile could not compile {what} ({type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}); "
             "on a CPU it needs a working C++ compiler (gcc or clang): install one, or train without --compile"
         ) from error
-
-
-#: Newton converges quadratically: from w = b, 4 steps reach float32 precision on the toy models.
-DEFAULT_NEWTON_STEPS = 4
-SQRT2 = math.sqrt(2.0)
 
 
 def _solve_small(matrix: Tensor, rhs: Tensor) -> Tensor:
@@ -178,10 +179,6 @@ class CompiledFlowLoss:
             block.last_solves["forward"] = SolverInfo(iterations=iterations, residual=residual, converged=converged,
                                                       evaluations=self.newton_steps + 1)
         return everywhere
-
-    def describe(self) -> str:
-        """One line for logs."""
-        return f"compiled loss ({self.newton_steps} Newton steps per solve)"
 
 
 class CompiledUpdate:

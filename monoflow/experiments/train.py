@@ -90,8 +90,10 @@ class Experiment(Protocol):
     # Optional: ``random_streams() -> Dict[str, torch.Generator]``, generators of the experiment's
     # own that the checkpoint must save and restore (an ensemble's per-member streams), and
     # ``log_test(test)``, called after each test, ``record_members(state, device) -> Dict``,
-    # called after ``finalize`` with the run's state, and ``divergence_detail() -> str``, added to
-    # the error when training diverges (an ensemble names the members that did).
+    # called after ``finalize`` with the run's state, ``divergence_detail() -> str``, added to
+    # the error when training diverges (an ensemble names the members that did),
+    # ``compiled_update(model, optimizer)``, a callable that replaces Adam's step and the power
+    # iterations (or None), and ``session_notes() -> Dict``, recorded with each session.
 
 
 def derived_seed(seed: int, stream: str) -> int:
