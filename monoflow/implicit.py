@@ -25,6 +25,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from monoflow.scalar_resolvent import scalar_resolvent_solve
 from monoflow.solvers import SolverInfo, SolverOptions, fixed_point_solve
 
 __all__ = ["solve_resolvent", "DEFAULT_FORWARD", "DEFAULT_ADJOINT"]
@@ -88,7 +89,8 @@ def solve_resolvent(
         b: right-hand side, shape (batch, ...).
         sign: :math:`s`, +1 or -1.
         forward, adjoint: solver settings of the solve and of the gradient's adjoint solve.
-        z0: starting point (default ``b``, the solution for g = 0).
+        z0: starting point (default ``b``, the solution for g = 0); the ``"scalar"`` method
+            brackets the solution from a table instead and takes no starting point.
         record: called as ``record(name, info)`` after the solve and
             ``record("adjoint", info)`` after each adjoint solve.
         name: the label passed to ``record`` for the solve.
@@ -106,6 +108,8 @@ def solve_resolvent(
         raise ValueError(f"sign must be +1 or -1, got {sign}")
     forward = forward or DEFAULT_FORWARD
     adjoint = adjoint or DEFAULT_ADJOINT
+    if adjoint.method == "scalar":
+        raise ValueError("the adjoint solve is linear: use method 'direct', 'anderson' or 'picard' for it, not 'scalar'")
     b_const = b.detach()
 
     def step(z: Tensor, index: Optional[Tensor]) -> Tensor:
@@ -113,7 +117,10 @@ def solve_resolvent(
         return rhs - sign * g(z)
 
     with torch.no_grad():
-        z_star, info = fixed_point_solve(step, b_const if z0 is None else z0.detach(), forward)
+        if forward.method == "scalar":
+            z_star, info = scalar_resolvent_solve(g, b_const, sign, forward)
+        else:
+            z_star, info = fixed_point_solve(step, b_const if z0 is None else z0.detach(), forward)
     if record is not None:
         record(name, info)
     if not _needs_graph(b, g):
@@ -121,8 +128,18 @@ def solve_resolvent(
 
     # One evaluation of g at the solution carries the graph to b and the parameters; its
     # dependence on z_leaf serves the vector-Jacobian products of the adjoint solve.
-    z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct")
-    if jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian") and z_leaf.dim() == 2:
+    take_jacobian = (jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian")
+                     and z_star.dim() == 2)
+    # of a scalar map, one vector-Jacobian product is the whole (1 x 1) Jacobian, cheaper than
+    # propagating it forward through the layers
+    scalar_jacobian = take_jacobian and z_star.shape[1] == 1
+    z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct" or scalar_jacobian)
+    if scalar_jacobian:
+        g_star = g(z_leaf)
+        (slope,) = torch.autograd.grad(g_star, z_leaf, torch.ones_like(g_star), retain_graph=True)
+        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
+        jacobian_cache["jacobian"] = slope.detach().unsqueeze(-1)
+    elif take_jacobian:
         g_star, J = g.jacobian(z_leaf)
         jacobian_cache = {} if jacobian_cache is None else jacobian_cache
         jacobian_cache["jacobian"] = J.detach()

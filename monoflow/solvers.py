@@ -36,10 +36,12 @@ __all__ = [
     "SolverWarning",
     "fixed_point_solve",
     "default_tolerances",
+    "resolve_tolerances",
+    "report_failure",
 ]
 
 FAILURE_POLICIES = ("warn", "raise", "nan")
-METHODS = ("anderson", "picard", "direct")
+METHODS = ("anderson", "picard", "direct", "scalar")
 
 
 class SolverError(RuntimeError):
@@ -67,12 +69,15 @@ class SolverOptions:
         method: ``"anderson"`` (accelerated, default), ``"picard"`` (plain iteration) or, for
             adjoint solves of flat inputs whose g provides ``jacobian(w)``, ``"direct"``: a dense
             per-sample linear solve with the Jacobian (one Jacobian pass, no iterations).
+            For resolvent solves of one element per sample, ``"scalar"``: tabulate
+            z + s g(z), interpolate and bracket (:mod:`monoflow.scalar_resolvent`).
         atol: per-element absolute tolerance; ``None`` picks one the dtype can reach.
         rtol: tolerance relative to the norm of the solution; ``None`` picks one by dtype.
         max_iterations: cap on iterations (evaluations of f) per solve.
         history: number of past iterates Anderson mixes.
         regularization: relative Tikhonov term of Anderson's least-squares problem.
         on_failure: ``"warn"``, ``"raise"`` or ``"nan"`` for samples that do not converge.
+        table_points: grid points of the ``"scalar"`` method's table.
         freeze_converged: stop evaluating samples once they converge (default). With ``False``
             f always sees the whole batch (for maps that need every row in its place, such as an
             ensemble of networks that sends each block of rows to its own member); a converged
@@ -88,6 +93,7 @@ class SolverOptions:
     regularization: float = 1e-8
     on_failure: str = "warn"
     freeze_converged: bool = True
+    table_points: int = 512
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +104,8 @@ class SolverOptions:
             )
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+        if self.table_points < 2:
+            raise ValueError(f"table_points must be >= 2, got {self.table_points}")
         if self.history < 1:
             raise ValueError(f"history must be >= 1, got {self.history}")
         for name in ("atol", "rtol"):
@@ -142,6 +150,33 @@ class SolverInfo:
         }
 
 
+def resolve_tolerances(options: SolverOptions, dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) of ``options``, the dtype's defaults where they are ``None``."""
+    atol, rtol = default_tolerances(dtype)
+    return (options.atol if options.atol is not None else atol,
+            options.rtol if options.rtol is not None else rtol)
+
+
+def report_failure(info: "SolverInfo", options: SolverOptions, atol: float, rtol: float,
+                   solution: Tensor) -> None:
+    """Apply ``options.on_failure`` to the samples that did not converge (``"nan"`` writes NaN
+    into ``solution`` in place)."""
+    if info.all_converged:
+        return
+    converged = info.converged
+    message = (
+        f"fixed-point solve did not converge for {int((~converged).sum())} of {converged.numel()} samples "
+        f"within {options.max_iterations} iterations (max residual {float(info.residual.max()):.3g}, "
+        f"atol {atol:g}, rtol {rtol:g}); is Lip(g) < 1?"
+    )
+    if options.on_failure == "raise":
+        raise SolverError(message)
+    if options.on_failure == "nan":
+        solution[~converged] = float("nan")
+    else:
+        warnings.warn(message, SolverWarning, stacklevel=4)
+
+
 def _flat_norm(z: Tensor) -> Tensor:
     return z.reshape(z.shape[0], -1).norm(dim=1)
 
@@ -182,11 +217,12 @@ def fixed_point_solve(
     options = options or SolverOptions()
     if options.method == "direct":
         raise ValueError("method='direct' needs a dense Jacobian: it is only for adjoint solves")
+    if options.method == "scalar":
+        raise ValueError("method='scalar' tabulates z + s g(z): it is only for resolvent solves "
+                         "(monoflow.implicit.solve_resolvent) of one element per sample")
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"fixed_point_solve needs a batch of at least one sample, got shape {tuple(z0.shape)}")
-    atol, rtol = default_tolerances(z0.dtype)
-    atol = options.atol if options.atol is not None else atol
-    rtol = options.rtol if options.rtol is not None else rtol
+    atol, rtol = resolve_tolerances(options, z0.dtype)
     batch = z0.shape[0]
     sample_shape = z0.shape[1:]
     n = max(1, math.prod(sample_shape))
@@ -253,17 +289,5 @@ def fixed_point_solve(
             x = torch.where(held[:, None], X[:, slot], x)
 
     info = SolverInfo(iterations=iterations, residual=residual, converged=converged, evaluations=evaluations)
-    if not info.all_converged:
-        failed = int((~converged).sum())
-        message = (
-            f"fixed-point solve did not converge for {failed} of {batch} samples within "
-            f"{options.max_iterations} iterations (max residual {float(residual.max()):.3g}, "
-            f"atol {atol:g}, rtol {rtol:g}); is Lip(g) < 1?"
-        )
-        if options.on_failure == "raise":
-            raise SolverError(message)
-        if options.on_failure == "nan":
-            solution[~converged] = float("nan")
-        else:
-            warnings.warn(message, SolverWarning, stacklevel=3)
+    report_failure(info, options, atol, rtol, solution)
     return solution, info

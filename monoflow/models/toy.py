@@ -110,9 +110,13 @@ def regression_flow(
     between and after them (learnable scaling); ``"implicit_actnorm"``: one implicit block (a
     residual and an inverted residual block) between ActNorms; ``"monotone_actnorm"``: two
     monotone blocks with ActNorms.
+
+    The solves default to ``SolverOptions(method="scalar")`` (one number per sample: a table of
+    z + s g(z), then bracketing; :mod:`monoflow.scalar_resolvent`).
     """
     _check_choice(kind, REGRESSION_KINDS, "regression flow kind")
     adjoint = adjoint or _small_dim_adjoint(True)
+    solver = solver or SolverOptions(method="scalar")
 
     def g() -> nn.Module:
         return dense_mlp(1, depth, growth, "crelu", coeff, lip_coeff)
