@@ -99,6 +99,7 @@ def sub_phase_timers(timers: Dict[str, float]):
         return wrapper
 
     patches = [(implicit, "fixed_point_solve", "solves (forward and iterative adjoint)"),
+               (implicit, "scalar_resolvent_solve", "solves (forward and iterative adjoint)"),
                (implicit, "_direct_adjoint", "adjoint (direct)")]
     for estimator in (logdet.ExactLogDet, logdet.PowerSeriesLogDet, logdet.RussianRouletteLogDet):
         patches += [(estimator, "__call__", "log-det"), (estimator, "value_and_logdet", "log-det")]

@@ -467,7 +467,8 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
     iterations, wall time in minutes (of the whole process), and how many runs that process
     trained together (``monoflow.ensemble``; 1 for a run alone); when some run trained with the
     compiled loss (``--compile``), also "training loss": ``compiled``, ``eager`` or both, from its
-    sessions (runs that predate the record were eager).
+    sessions (runs that predate the record were eager); when some run recorded how it solved (the
+    1-D flows' ``scalar`` solves), also "solves" (runs that predate the record used ``anderson``).
     """
     import pandas as pd
 
@@ -490,18 +491,20 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
             "iterations": timing.get("iterations", record.get("iterations")),
             "wall time (min)": None if wall is None else round(float(wall) / 60, 1),
             "runs trained together": int(record.get("ensemble", {}).get("size", 1)),
-            "training loss": _training_loss(record),
+            "training loss": _session_kinds(record, "training_loss", "eager"),
+            "solves": _session_kinds(record, "solves", "anderson"),
         })
     columns = ["run", "git commit", "device", "created (UTC)", "iterations", "wall time (min)", "runs trained together"]
-    if any(row["training loss"] != "eager" for row in rows):
-        columns.append("training loss")
+    columns += [column for column, default in (("training loss", "eager"), ("solves", "anderson"))
+                if any(row[column] != default for row in rows)]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _training_loss(record: Mapping[str, Any]) -> str:
-    """``eager``, ``compiled`` or ``eager + compiled`` over a run's sessions."""
-    kinds = {str(session.get("training_loss", "eager")).split(" ")[0] for session in record.get("sessions") or []}
-    return " + ".join(sorted(kinds)) if kinds else "eager"
+def _session_kinds(record: Mapping[str, Any], key: str, default: str) -> str:
+    """The first words of a session note over a run's sessions (``default`` where a session has
+    none), e.g. ``eager``, ``compiled`` or ``compiled + eager``."""
+    kinds = {str(session.get(key, default)).split(" ")[0] for session in record.get("sessions") or []}
+    return " + ".join(sorted(kinds)) if kinds else default
 
 
 def provenance(parameters: Mapping[str, Any], device: Optional[str] = None) -> "Any":

@@ -186,6 +186,16 @@ def test_results_provenance_names_the_training_loss_when_one_was_compiled(tmp_pa
              "sessions": [{"training_loss": "eager"}, {"training_loss": "compiled (4 Newton steps per solve)"}]}
     table = results_provenance([old, compiled, mixed], tmp_path)
     assert list(table["training loss"]) == ["eager", "compiled", "compiled + eager"]
+    assert "solves" not in table.columns
+
+
+def test_results_provenance_names_the_solves_when_a_run_recorded_them(tmp_path):
+    base = {"provenance": {"git_commit": "0123456789abcdef", "device": "cpu"}, "timing": {"wall_time_s": 60.0}}
+    old = {**base, "run_dir": str(tmp_path / "a"), "sessions": [{"iteration": 0}]}
+    scalar = {**base, "run_dir": str(tmp_path / "b"),
+              "sessions": [{"solves": "scalar (512-point table, then bracketing)"}]}
+    table = results_provenance([old, scalar], tmp_path)
+    assert list(table["solves"]) == ["anderson", "scalar"] and "training loss" not in table.columns
 
 
 def test_cli_registers_book_command():

@@ -293,6 +293,7 @@ def test_evaluate_and_sample_checkpoint(results):
     assert samples.shape == (50, 2) and np.isfinite(samples).all()
     assert np.array_equal(samples, sample_checkpoint(run_dir, 50, seed=1))
     one_d = records[("regression1d", "monotone_actnorm")]
+    assert one_d["sessions"][0]["solves"].startswith("scalar")  # how the 1-D flows solved, on record
     from monoflow.data import sample_staircase
     from monoflow.experiments.evaluate import load_model
 

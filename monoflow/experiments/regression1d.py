@@ -24,6 +24,7 @@ from monoflow.experiments.results import run_directory, summarize_solver
 from monoflow.experiments.train import train
 from monoflow.lipschitz import update_lipschitz
 from monoflow.models import regression_flow
+from monoflow.models.toy import REGRESSION_SOLVER
 
 __all__ = ["RegressionExperiment", "run_regression", "build_regression_model", "regression_test"]
 
@@ -80,6 +81,10 @@ class RegressionExperiment:
         x, y = batch
         prediction, _ = model(x, with_logdet=False)
         return torch.mean((prediction - y) ** 2)
+
+    def session_notes(self) -> Dict[str, Any]:
+        """How this session's flows solve (recorded with the session in run.json)."""
+        return {"solves": f"{REGRESSION_SOLVER.method} ({REGRESSION_SOLVER.table_points}-point table, then bracketing)"}
 
     def evaluate(self, model: nn.Module, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
         return regression_test(model, self.config, generator, device)

@@ -39,6 +39,10 @@ def lipswish_mlp(dim: int, hidden: Sequence[int], coeff: float = 0.9) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+#: the forward solves of the 1-D flows: one number per sample (monoflow.scalar_resolvent)
+REGRESSION_SOLVER = SolverOptions(method="scalar")
+
+
 def _small_dim_adjoint(has_jacobian: bool) -> Optional[SolverOptions]:
     """In a few dimensions the adjoint is one dense solve with the Jacobian (DenseNet g has it)."""
     return SolverOptions(method="direct") if has_jacobian else None
@@ -111,12 +115,12 @@ def regression_flow(
     residual and an inverted residual block) between ActNorms; ``"monotone_actnorm"``: two
     monotone blocks with ActNorms.
 
-    The solves default to ``SolverOptions(method="scalar")`` (one number per sample: a table of
+    The solves default to :data:`REGRESSION_SOLVER`, ``method="scalar"`` (one number per sample: a table of
     z + s g(z), then bracketing; :mod:`monoflow.scalar_resolvent`).
     """
     _check_choice(kind, REGRESSION_KINDS, "regression flow kind")
     adjoint = adjoint or _small_dim_adjoint(True)
-    solver = solver or SolverOptions(method="scalar")
+    solver = solver or REGRESSION_SOLVER
 
     def g() -> nn.Module:
         return dense_mlp(1, depth, growth, "crelu", coeff, lip_coeff)
