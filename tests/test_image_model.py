@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from monoflow.models.image import (MODEL_VARIANTS, ImageFlowConfig, count_parameters, get_image_preset, image_flow,
+from monoflow.models.image import (MODEL_VARIANTS, count_parameters, get_image_preset, image_flow,
                                    list_image_presets)
 
 # SPEC.md section 4 (the paper's released models)

@@ -79,8 +79,6 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from monoflow.data.images import load_image_dataset
     from monoflow.images.distributed import init_distributed
     from monoflow.images.evaluation import evaluate_accuracy, evaluate_bpd

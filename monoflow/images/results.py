@@ -9,7 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
 import torch
 

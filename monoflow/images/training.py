@@ -152,7 +152,6 @@ def train_image_flow(
         max_seconds: stop training after this many seconds of this call (a time budget; the
             record says ``stopped_by_time_budget``).
     """
-    wall_start = time.time()
     ctx = init_distributed(device)
     policy = apply_precision_policy(allow_tf32)
     spec = get_image_preset(preset)
