@@ -31,7 +31,7 @@ from monoflow.experiments.config import toy_config
 from monoflow.experiments.toy2d import COMPILABLE_MODELS, ToyExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
 from monoflow.lipschitz import set_learnable_concat
-from monoflow.provenance import benchmark_report, save_benchmark_report
+from monoflow.provenance import benchmark_report, compare_timings, run_benchmark
 
 TARGET_MINUTES = 20.0
 
@@ -91,13 +91,7 @@ def measure(model_name: str, repeats: int, calls: int) -> Dict[str, Any]:
         "newton_steps": loss_fn.newton_steps,
         "compile_s": compile_s,
         "check": check,
-        "eager_s_per_iteration": eager_s,
-        "compiled_s_per_iteration": compiled_s,
-        "speedup": eager_s / compiled_s,
-        "projected_run_minutes_eager": eager_s * config.iterations / 60,
-        "projected_run_minutes_compiled": compiled_s * config.iterations / 60,
-        "target_minutes": TARGET_MINUTES,
-        "compiled_meets_target": compiled_s * config.iterations / 60 <= TARGET_MINUTES,
+        **compare_timings("eager", eager_s, "compiled", compiled_s, config.iterations, TARGET_MINUTES),
         "batches": loss_fn.batches,
         "eager_fallbacks": loss_fn.fallbacks,
     }
@@ -113,16 +107,15 @@ def main(argv: Any = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = benchmark_report("cpu", threads=args.threads)
-    for name in args.models:
-        row = measure(name, args.repeats, args.calls)
-        report["runs"].append(row)
-        print(f"{name}: eager {1000 * row['eager_s_per_iteration']:.1f} ms, compiled "
-              f"{1000 * row['compiled_s_per_iteration']:.1f} ms per iteration (x{row['speedup']:.2f}); "
-              f"paper-scale run {row['projected_run_minutes_compiled']:.0f} min against {TARGET_MINUTES:.0f}; "
-              f"compile {row['compile_s']:.0f} s; gradient difference "
-              f"{row['check']['largest_relative_gradient_difference']:.1e}", flush=True)
-        save_benchmark_report(report, args.output)
-    print(f"wrote {args.output}")
+
+    def describe(row: Dict[str, Any]) -> str:
+        return (f"{row['model']}: eager {1000 * row['eager_s_per_iteration']:.1f} ms, compiled "
+                f"{1000 * row['compiled_s_per_iteration']:.1f} ms per iteration (x{row['speedup']:.2f}); "
+                f"paper-scale run {row['projected_run_minutes_compiled']:.0f} min against {TARGET_MINUTES:.0f}; "
+                f"compile {row['compile_s']:.0f} s; gradient difference "
+                f"{row['check']['largest_relative_gradient_difference']:.1e}")
+
+    run_benchmark(report, args.models, lambda name: measure(name, args.repeats, args.calls), describe, args.output)
     return 0
 
 

@@ -40,7 +40,7 @@ from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.toy2d import ToyExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
 from monoflow.lipschitz import DenseNet, dense_layer_output, set_learnable_concat
-from monoflow.provenance import benchmark_report, save_benchmark_report
+from monoflow.provenance import benchmark_report, run_benchmark
 
 SETTINGS = {
     "toy2d monotone": lambda: ToyExperiment(toy_config("paper", model="monotone", dataset="8gaussians")),
@@ -237,17 +237,17 @@ def main(argv: Any = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = benchmark_report("cpu", threads=args.threads)
-    for name in tqdm(args.settings, desc="dense benchmark"):
-        row = measure(name, args.repeats, args.compile)
-        report["runs"].append(row)
-        line = (f"{name:32s} buffer: g x{row['g_without_autograd']['speedup']:.2f}, "
+
+    def describe(row: Dict[str, Any]) -> str:
+        line = (f"{row['setting']:32s} buffer: g x{row['g_without_autograd']['speedup']:.2f}, "
                 f"iteration x{row['training_iteration']['speedup']:.2f}")
         if args.compile:
             line += (f"; compiled: g x{row['g_without_autograd']['speedup_compiled']:.2f}, "
                      f"iteration x{row['training_iteration']['speedup_compiled']:.2f}")
-        tqdm.write(line)
-        save_benchmark_report(report, args.output)
-    print(f"wrote {args.output}")
+        return line
+
+    run_benchmark(report, tqdm(args.settings, desc="dense benchmark"),
+                  lambda name: measure(name, args.repeats, args.compile), describe, args.output)
     return 0
 
 

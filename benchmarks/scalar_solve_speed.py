@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from monoflow.experiments.config import regression_config
 from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
-from monoflow.provenance import benchmark_report, save_benchmark_report
+from monoflow.provenance import benchmark_report, compare_timings, run_benchmark
 from monoflow.solvers import SolverOptions
 
 TARGET_MINUTES = 30.0
@@ -95,13 +95,7 @@ def measure(model_name: str, warm_iterations: int, repeats: int, calls: int) -> 
         "setting": f"paper architecture and batch ({config.batch_size}), after {warm_iterations} training iterations",
         "forward_solves": solves,
         "largest_output_difference": difference,
-        "anderson_s_per_iteration": anderson_s,
-        "scalar_s_per_iteration": scalar_s,
-        "speedup": anderson_s / scalar_s,
-        "projected_run_minutes_anderson": anderson_s * config.iterations / 60,
-        "projected_run_minutes_scalar": scalar_s * config.iterations / 60,
-        "target_minutes": TARGET_MINUTES,
-        "scalar_meets_target": scalar_s * config.iterations / 60 <= TARGET_MINUTES,
+        **compare_timings("anderson", anderson_s, "scalar", scalar_s, config.iterations, TARGET_MINUTES),
     }
 
 
@@ -117,17 +111,17 @@ def main(argv: Any = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = benchmark_report("cpu", threads=args.threads, warm_iterations=args.warm_iterations)
-    for name in args.models:
-        row = measure(name, args.warm_iterations, args.repeats, args.calls)
-        report["runs"].append(row)
+
+    def describe(row: Dict[str, Any]) -> str:
         solves = row["forward_solves"]
-        print(f"{name}: forward solves {solves['anderson']['evaluations']} -> {solves['scalar']['evaluations']} "
-              f"evaluations of g ({1000 * solves['anderson']['seconds']:.0f} -> {1000 * solves['scalar']['seconds']:.0f} ms); "
-              f"training iteration {1000 * row['anderson_s_per_iteration']:.1f} -> {1000 * row['scalar_s_per_iteration']:.1f} ms "
-              f"(x{row['speedup']:.2f}); paper-scale run {row['projected_run_minutes_scalar']:.0f} min against "
-              f"{TARGET_MINUTES:.0f}", flush=True)
-        save_benchmark_report(report, args.output)
-    print(f"wrote {args.output}")
+        return (f"{row['model']}: forward solves {solves['anderson']['evaluations']} -> {solves['scalar']['evaluations']} "
+                f"evaluations of g ({1000 * solves['anderson']['seconds']:.0f} -> {1000 * solves['scalar']['seconds']:.0f} ms); "
+                f"training iteration {1000 * row['anderson_s_per_iteration']:.1f} -> {1000 * row['scalar_s_per_iteration']:.1f} ms "
+                f"(x{row['speedup']:.2f}); paper-scale run {row['projected_run_minutes_scalar']:.0f} min against "
+                f"{TARGET_MINUTES:.0f}")
+
+    run_benchmark(report, args.models, lambda name: measure(name, args.warm_iterations, args.repeats, args.calls),
+                  describe, args.output)
     return 0
 
 

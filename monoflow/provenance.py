@@ -12,11 +12,12 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["provenance", "git_commit", "device_description", "benchmark_report", "save_benchmark_report"]
+__all__ = ["provenance", "git_commit", "device_description", "benchmark_report", "save_benchmark_report",
+           "compare_timings", "run_benchmark"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -90,3 +91,31 @@ def save_benchmark_report(report: Dict[str, Any], path: Union[str, Path]) -> Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def compare_timings(baseline: str, baseline_s: float, candidate: str, candidate_s: float, iterations: int,
+                    target_minutes: float) -> Dict[str, Any]:
+    """Seconds per iteration of two ways to train, their ratio (baseline over candidate), and each
+    one's projected run of ``iterations`` against ``target_minutes``."""
+    return {
+        f"{baseline}_s_per_iteration": baseline_s,
+        f"{candidate}_s_per_iteration": candidate_s,
+        "speedup": baseline_s / candidate_s,
+        f"projected_run_minutes_{baseline}": baseline_s * iterations / 60,
+        f"projected_run_minutes_{candidate}": candidate_s * iterations / 60,
+        "target_minutes": target_minutes,
+        f"{candidate}_meets_target": candidate_s * iterations / 60 <= target_minutes,
+    }
+
+
+def run_benchmark(report: Dict[str, Any], names: Iterable[Any], measure: Callable[[Any], Dict[str, Any]],
+                  describe: Callable[[Dict[str, Any]], str], path: Union[str, Path]) -> Dict[str, Any]:
+    """``measure(name)`` for each name: append the row to ``report["runs"]``, print
+    ``describe(row)`` and save the report after every row (:func:`save_benchmark_report`)."""
+    for name in names:
+        row = measure(name)
+        report["runs"].append(row)
+        print(describe(row), flush=True)
+        save_benchmark_report(report, path)
+    print(f"wrote {path}")
+    return report

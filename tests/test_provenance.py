@@ -1,0 +1,33 @@
+"""Benchmark reports: the timing comparison and the measure-and-save loop."""
+import json
+
+import pytest
+
+from monoflow.provenance import benchmark_report, compare_timings, run_benchmark
+
+
+def test_compare_timings_projects_both_runs_against_the_target():
+    row = compare_timings("eager", 0.2, "compiled", 0.05, 1200, 2.0)
+    assert row["speedup"] == pytest.approx(4.0)
+    assert row["projected_run_minutes_eager"] == pytest.approx(4.0)
+    assert row["projected_run_minutes_compiled"] == pytest.approx(1.0)
+    assert row["compiled_meets_target"] is True and row["target_minutes"] == 2.0
+    assert compare_timings("a", 1.0, "b", 0.5, 600, 1.0)["b_meets_target"] is False  # 5 minutes
+
+
+def test_run_benchmark_saves_the_report_after_every_row(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    seen = []
+
+    def measure(name):
+        if seen:  # the first row is on disk before the second is measured
+            assert [row["name"] for row in json.loads(path.read_text())["runs"]] == seen
+        seen.append(name)
+        return {"name": name, "value": len(name)}
+
+    report = run_benchmark(benchmark_report("cpu", threads=1), ["a", "bb"], measure,
+                           lambda row: f"{row['name']}={row['value']}", path)
+    written = json.loads(path.read_text())
+    assert written["runs"] == report["runs"] == [{"name": "a", "value": 1}, {"name": "bb", "value": 2}]
+    assert written["threads"] == 1 and "git_commit" in written["provenance"]
+    assert capsys.readouterr().out.splitlines() == ["a=1", "bb=2", f"wrote {path}"]
