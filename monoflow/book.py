@@ -47,6 +47,7 @@ __all__ = [
     "external_resources",
     "provenance",
     "results_provenance",
+    "session_kinds",
     "reproduction_status",
     "html_table",
 ]
@@ -491,8 +492,8 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
             "iterations": timing.get("iterations", record.get("iterations")),
             "wall time (min)": None if wall is None else round(float(wall) / 60, 1),
             "runs trained together": int(record.get("ensemble", {}).get("size", 1)),
-            "training loss": _session_kinds(record, "training_loss", "eager"),
-            "solves": _session_kinds(record, "solves", "anderson"),
+            "training loss": session_kinds(record, "training_loss", "eager"),
+            "solves": session_kinds(record, "solves", "anderson"),
         })
     columns = ["run", "git commit", "device", "created (UTC)", "iterations", "wall time (min)", "runs trained together"]
     columns += [column for column, default in (("training loss", "eager"), ("solves", "anderson"))
@@ -500,7 +501,7 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
     return pd.DataFrame(rows, columns=columns)
 
 
-def _session_kinds(record: Mapping[str, Any], key: str, default: str) -> str:
+def session_kinds(record: Mapping[str, Any], key: str, default: str) -> str:
     """The first words of a session note over a run's sessions (``default`` where a session has
     none), e.g. ``eager``, ``compiled`` or ``compiled + eager``."""
     kinds = {str(session.get(key, default)).split(" ")[0] for session in record.get("sessions") or []}

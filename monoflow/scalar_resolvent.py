@@ -79,8 +79,11 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
     rhs = b.reshape(-1)
     batch = rhs.shape[0]
 
+    def signed_g(z: Tensor) -> Tensor:
+        return sign * g(z.reshape((-1,) + sample_shape)).reshape(-1)
+
     def h(z: Tensor) -> Tensor:
-        return z + sign * g(z.reshape((-1,) + sample_shape)).reshape(-1)
+        return z + signed_g(z)
 
     points = max(2, min(options.table_points, batch))
     grid, table, evaluations = _bracketing_table(h, rhs, points)
@@ -98,7 +101,7 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
     for _ in range(options.max_iterations):
         z = z_left - r_left * (z_right - z_left) / (r_right - r_left)
         z = torch.where(torch.isfinite(z), z, 0.5 * (z_left + z_right))
-        f_z = rhs - sign * g(z.reshape((-1,) + sample_shape)).reshape(-1)
+        f_z = rhs - signed_g(z)
         evaluations += 1
         r = z - f_z  # h(z) - b
         done = r.abs() <= atol + rtol * f_z.abs()
