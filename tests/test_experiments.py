@@ -349,6 +349,10 @@ def test_test_metric_is_the_negative_log_likelihood(results, model):
         jacobian = torch.autograd.functional.jacobian(lambda v: flow(v[None], with_logdet=False)[0][0], point)
         log_p.append(-0.5 * float(z @ z) - math.log(2 * math.pi) + float(torch.linalg.slogdet(jacobian)[1]))
     assert result["metric"] == pytest.approx(-np.mean(log_p), abs=2e-3)
+    with torch.no_grad():  # the round trip, recomputed with a forward pass of its own
+        back = flow.inverse(flow(x, with_logdet=False)[0], with_logdet=False)[0]
+    assert result["roundtrip_max_abs_error"] == pytest.approx(float((back - x).abs().max()), abs=1e-4)
+    assert result["solver"]["inverse_converged_fraction"] == 1.0
 
 
 def test_tables_and_figures_from_real_runs(results):
