@@ -26,13 +26,14 @@ the eager flow (counted in ``fallbacks``), so the loss is never that of an uncon
 from __future__ import annotations
 
 import math
+import time
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import MonotoneBlock, ResidualBlock
-from monoflow.lipschitz import DenseNet, update_lipschitz
+from monoflow.lipschitz import DenseNet, LipschitzDenseLayer, update_lipschitz
 from monoflow.logdet import CAYLEY, RESIDUAL, ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
 
@@ -130,6 +131,10 @@ class CompiledFlowLoss:
     records the Newton solve. A solve converged where :math:`\|w + g(w) - b\| \le
     \text{atol}\sqrt d + \text{rtol}\,\|w\|` (the solver's test); ``batches`` and ``fallbacks``
     count the calls and those recomputed by the eager flow because a solve missed it.
+    ``compiles`` and ``compile_s`` count the compilations and their time: a call that finds a new
+    set of trainable parameters or a switched learnable concatenation (the first call, and the one
+    after learnable concatenation switches on) first runs the graph and its backward once, so
+    that both compile there.
 
     Args:
         flow: a :class:`~monoflow.flows.Flow` of MonotoneBlock / ResidualBlock with DenseNet g
@@ -148,6 +153,9 @@ class CompiledFlowLoss:
         self.atol, self.rtol = atol, rtol
         self.batches = 0
         self.fallbacks = 0
+        self.compile_s = 0.0
+        self.compiles = 0
+        self._compiled_for: Optional[Tuple] = None
         steps = newton_steps
         self._loss = torch.compile(lambda x: _flow_loss(flow, x, steps), fullgraph=True, dynamic=False)
 
@@ -156,6 +164,18 @@ class CompiledFlowLoss:
         if not torch.is_tensor(x) or x.dim() != 2 or (dim is not None and x.shape[1] != dim):
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"CompiledFlowLoss expects a batch of shape (batch, {dim or 'd'}), got {shape}")
+        # what the compiled graph depends on besides the batch's shape: which parameters train,
+        # and whether the concatenation scales are used (learnable concatenation)
+        trainable = (tuple(p.requires_grad for p in self.flow.parameters()),
+                     tuple(m.learnable_concat for m in self.flow.modules() if isinstance(m, LipschitzDenseLayer)))
+        if trainable != self._compiled_for:  # torch.compile traces and compiles (again) here
+            tick = time.perf_counter()
+            warm_up, _, _ = _run_compiled(self._loss, "the training loss", x)
+            if warm_up.requires_grad:  # the backward graph compiles at its first call
+                torch.autograd.grad(warm_up, [p for p in self.flow.parameters() if p.requires_grad], allow_unused=True)
+            self.compile_s += time.perf_counter() - tick
+            self.compiles += 1
+            self._compiled_for = trainable
         loss, residuals, norms = _run_compiled(self._loss, "the training loss", x)
         self.batches += 1
         converged = self._record(residuals, norms, x)
@@ -185,12 +205,16 @@ class CompiledUpdate:
     """``update()``: ``optimizer.step()`` then ``power_iterations`` power iterations of every
     spectral norm of ``model`` (:func:`~monoflow.lipschitz.update_lipschitz`), compiled with
     ``torch.compile``. The same updates as the eager calls up to rounding; the first call compiles
-    (once more if a learning rate changes, which ``torch.compile`` treats as a constant)."""
+    (once more if a learning rate changes, which ``torch.compile`` treats as a constant, or when
+    other parameters have gradients). ``compile_s`` sums the wall time of those calls (each with
+    its one update)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, power_iterations: int):
         if not isinstance(power_iterations, int) or isinstance(power_iterations, bool) or power_iterations < 0:
             raise ValueError(f"power_iterations must be a non-negative int, got {power_iterations!r}")
         self.model, self.optimizer, self.power_iterations = model, optimizer, power_iterations
+        self.compile_s = 0.0
+        self._compiled_for: Optional[Tuple] = None
         self._update = torch.compile(self._eager)
 
     def _eager(self) -> None:
@@ -198,4 +222,12 @@ class CompiledUpdate:
         update_lipschitz(self.model, n_iterations=self.power_iterations)
 
     def __call__(self) -> None:
+        key = (tuple(group["lr"] for group in self.optimizer.param_groups),
+               tuple(p.grad is not None for p in self.model.parameters()))
+        if key == self._compiled_for:
+            _run_compiled(self._update, "the parameter update")
+            return
+        tick = time.perf_counter()
         _run_compiled(self._update, "the parameter update")
+        self.compile_s += time.perf_counter() - tick
+        self._compiled_for = key

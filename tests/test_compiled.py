@@ -188,6 +188,9 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     assert eager["sessions"][-1]["training_loss"] == "eager"
     assert compiled["compiled_loss"]["batches_last_session"] == 6
     assert compiled["compiled_loss"]["eager_fallbacks_last_session"] == 0
+    # compiled at the first batch and again when learnable concatenation switched on
+    assert compiled["compiled_loss"]["compiles_last_session"] == 2
+    assert 0 < compiled["compiled_loss"]["compile_s_last_session"] < compiled["timing"]["wall_time_s"]
     for mine, theirs in zip(compiled["tests"], eager["tests"]):
         assert math.isclose(mine["train_loss"], theirs["train_loss"], rel_tol=1e-4)
         assert math.isclose(mine["metric"], theirs["metric"], rel_tol=1e-4)
@@ -195,6 +198,7 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     stopped = run_toy(config, tmp_path / "resumed", progress=False, compile=True, stop_after=4)
     assert stopped["status"] == "interrupted"
     resumed = run_toy(config, tmp_path / "resumed", progress=False, compile=True)
+    assert resumed["compiled_loss"]["compiles_last_session"] == 1  # learnable concatenation was on already
     assert [t["metric"] for t in resumed["tests"]] == pytest.approx([t["metric"] for t in compiled["tests"]], rel=1e-6)
     assert [t["train_loss"] for t in resumed["tests"]] == pytest.approx(
         [t["train_loss"] for t in compiled["tests"]], rel=1e-6)

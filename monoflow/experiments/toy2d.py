@@ -142,7 +142,8 @@ class ToyExperiment:
 
     def finalize(self, model: nn.Module, run_dir: Path, generator: torch.Generator, device: torch.device) -> Dict[str, Any]:
         """Density on a grid over [-4, 4]^2, model samples and data; saved as figure.npz / figure.png
-        (and, for a compiled loss, how many of this session's batches fell back to the eager one)."""
+        (and, for a compiled loss, how many of this session's batches fell back to the eager one
+        and how long this session spent compiling)."""
         from monoflow.experiments.figures import save_toy_figure
 
         config = self.config
@@ -161,9 +162,13 @@ class ToyExperiment:
         finite = bool(np.isfinite(samples).all())
         extra: Dict[str, Any] = {}
         if self._compiled_loss is not None:
+            update = self._compiled_update.compile_s if self._compiled_update is not None else 0.0
             extra["compiled_loss"] = {"newton_steps": self._compiled_loss.newton_steps,
                                       "batches_last_session": self._compiled_loss.batches,
-                                      "eager_fallbacks_last_session": self._compiled_loss.fallbacks}
+                                      "eager_fallbacks_last_session": self._compiled_loss.fallbacks,
+                                      "compiles_last_session": self._compiled_loss.compiles,
+                                      # part of the forward, backward and optimizer timers
+                                      "compile_s_last_session": self._compiled_loss.compile_s + update}
         return {**extra, "figure": {"png": "figure.png", "arrays": "figure.npz", "samples_finite": finite,
                            "density_mass_on_grid": float(density.sum() * (axis[1] - axis[0]) ** 2)}}
 
