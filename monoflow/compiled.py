@@ -18,8 +18,9 @@ much as computing. :class:`CompiledFlowLoss` computes the same loss,
 :class:`CompiledUpdate` compiles what follows the backward pass: the optimiser's step and the power
 iterations of every spectral norm (``update_lipschitz``), a few hundred more small operators.
 
-Supported: flows of these blocks whose g propagates Jacobians (``DenseNet`` from ``dense_mlp``)
-with ``logdet="exact"`` (the paper's 2-D toy models Monotone Flow and i-DenseNet). Every solve's
+Supported: flows of these blocks whose g propagates Jacobians (``DenseNet`` from ``dense_mlp``,
+``LipschitzChain`` from ``lipswish_mlp``) with ``logdet="exact"``: the 2-D toy models Monotone
+Flow, i-DenseNet and Residual Flow. Every solve's
 residual is checked against the solver's tolerance; a batch where one misses it is recomputed by
 the eager flow (counted in ``fallbacks``), so the loss is never that of an unconverged solve.
 """
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import MonotoneBlock, ResidualBlock
-from monoflow.lipschitz import DenseNet, LipschitzDenseLayer, update_lipschitz
+from monoflow.lipschitz import DenseNet, LipschitzChain, LipschitzDenseLayer, update_lipschitz
 from monoflow.logdet import CAYLEY, RESIDUAL, ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
 
@@ -112,9 +113,9 @@ def _check_supported(flow: nn.Module) -> None:
         kind = type(block).__name__
         if type(block) not in (MonotoneBlock, ResidualBlock):
             raise ValueError(f"CompiledFlowLoss supports MonotoneBlock and ResidualBlock; block {index} is a {kind}")
-        if not (isinstance(block.g, DenseNet) and block.g._flat):
-            raise ValueError(f"CompiledFlowLoss needs g built by dense_mlp (it propagates Jacobians); "
-                             f"block {index} ({kind}) has a {type(block.g).__name__}")
+        if not ((isinstance(block.g, DenseNet) and block.g._flat) or isinstance(block.g, LipschitzChain)):
+            raise ValueError(f"CompiledFlowLoss needs g built by dense_mlp or lipswish_mlp (they propagate "
+                             f"Jacobians); block {index} ({kind}) has a {type(block.g).__name__}")
         if not isinstance(block.logdet_estimator, ExactLogDet):
             raise ValueError(f"CompiledFlowLoss needs logdet='exact'; block {index} ({kind}) uses "
                              f"{block.logdet_estimator!r}")
@@ -137,8 +138,8 @@ class CompiledFlowLoss:
     that both compile there.
 
     Args:
-        flow: a :class:`~monoflow.flows.Flow` of MonotoneBlock / ResidualBlock with DenseNet g
-            and ``logdet="exact"``.
+        flow: a :class:`~monoflow.flows.Flow` of MonotoneBlock / ResidualBlock with DenseNet or
+            LipschitzChain g and ``logdet="exact"``.
         newton_steps: Newton steps per solve before the differentiable one (default 4).
         atol, rtol: the convergence test's tolerances (default: the solver's for the dtype).
     """

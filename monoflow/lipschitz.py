@@ -39,6 +39,7 @@ __all__ = [
     "conv_operator_norm_bound",
     "LipschitzDenseLayer",
     "DenseNet",
+    "LipschitzChain",
     "dense_mlp",
     "dense_convnet",
     "set_learnable_concat",
@@ -597,6 +598,32 @@ class LipschitzDenseLayer(nn.Module):
     def lipschitz_estimate(self) -> float:
         """As :meth:`lipschitz_bound` with the power-iteration estimate of the layer norm."""
         return self._bound(self.linear.lipschitz_estimate())
+
+
+class LipschitzChain(nn.Sequential):
+    r"""Spectral-normalised linear layers and elementwise activations applied in order (Residual
+    Flow's g, :func:`monoflow.models.toy.lipswish_mlp`), :math:`\mathrm{Lip} \le \prod_\ell
+    \mathrm{Lip}(\ell)`, with forward propagation of the Jacobian for flat inputs (:meth:`jacobian`)."""
+
+    def jacobian(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""``(g(w), J)`` for ``w`` of shape (B, d), ``J[b] = dg/dw`` at ``w[b]`` (B, d_out, d):
+        :math:`J \leftarrow \bar W J` through a linear layer, :math:`J \leftarrow a'(h) \odot J`
+        through an activation (ordinary differentiable ops, so it can be trained through)."""
+        if w.dim() != 2:
+            raise ValueError(f"LipschitzChain.jacobian expects flat inputs (B, d), got shape {tuple(w.shape)}")
+        batch, dim = w.shape
+        # propagated transposed, (B, d, channels), so each linear map is one batched GEMM
+        jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)
+        x = w
+        for layer in self:
+            if hasattr(layer, "forward_with_jacobian"):
+                x, jac = layer.forward_with_jacobian(x, jac)
+            elif hasattr(layer, "derivative") and not getattr(layer, "concatenates", False):
+                x, jac = layer(x), layer.derivative(x).unsqueeze(1) * jac
+            else:
+                raise ValueError(f"LipschitzChain.jacobian needs linear layers with forward_with_jacobian and "
+                                 f"elementwise activations with derivative; got a {type(layer).__name__}")
+        return x, jac.transpose(1, 2)
 
 
 class DenseNet(nn.Module):

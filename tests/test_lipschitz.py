@@ -430,3 +430,36 @@ def test_reused_parameter_transforms_give_the_same_gradients():
     for a, b, c in zip(reused, accumulated, [p.grad for p in flow.parameters()]):
         assert torch.allclose(a, c, atol=1e-12)
         assert torch.allclose(b, 2 * c, atol=1e-12)
+
+
+def test_lipschitz_chain_jacobian_equals_autograd(float64):
+    """Residual Flow's g propagates its Jacobian forwards: value and Jacobian against autograd."""
+    from monoflow.lipschitz import LipschitzChain
+    from monoflow.models.toy import lipswish_mlp
+
+    torch.manual_seed(7)
+    g = lipswish_mlp(3, [11, 9], coeff=0.9)
+    assert isinstance(g, LipschitzChain)
+    with torch.no_grad():
+        for name, parameter in g.named_parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))  # beta away from its initial value too
+    w = torch.randn(6, 3)
+    value, jac = g.jacobian(w)
+    assert torch.allclose(value, g(w), atol=1e-12)
+    expected = torch.stack([torch.autograd.functional.jacobian(g, row[None])[0, :, 0] for row in w])
+    assert torch.allclose(jac, expected, atol=1e-10)
+    # differentiable in the parameters: LipSwish's b against finite differences of the Jacobian's sum
+    beta = g[1].b
+    (grad,) = torch.autograd.grad(g.jacobian(w)[1].sum(), beta)
+    eps = 1e-6
+    with torch.no_grad():
+        beta.add_(eps)
+        up = g.jacobian(w)[1].sum()
+        beta.sub_(2 * eps)
+        down = g.jacobian(w)[1].sum()
+        beta.add_(eps)
+    assert float(grad) == pytest.approx(float((up - down) / (2 * eps)), rel=1e-5, abs=1e-8)
+    with pytest.raises(ValueError, match="flat inputs"):
+        g.jacobian(torch.randn(2, 3, 1))
+    with pytest.raises(ValueError, match="Dropout"):
+        LipschitzChain(torch.nn.Dropout()).jacobian(w)

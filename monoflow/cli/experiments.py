@@ -50,8 +50,7 @@ def _add_common(parser: argparse.ArgumentParser, seeds: bool = False) -> None:
 
 def _add_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
-                        help="train with the loss compiled into one graph (torch.compile; monotone and "
-                        "idensenet only): Newton solves of fixed length instead of Anderson to a tolerance, "
+                        help="train with the loss compiled into one graph (torch.compile): Newton solves of fixed length instead of Anderson to a tolerance, "
                         "same loss and gradients up to the solves' residuals, several times fewer operators "
                         "per iteration; compiling takes minutes once per architecture; tests and figures "
                         "are computed as without it")

@@ -18,7 +18,7 @@ from torch import nn
 from monoflow.activations import LipSwish
 from monoflow.blocks import ActNorm, ImplicitBlock, MonotoneBlock, ResidualBlock
 from monoflow.flows import Flow
-from monoflow.lipschitz import SpectralNormLinear, dense_mlp
+from monoflow.lipschitz import LipschitzChain, SpectralNormLinear, dense_mlp
 from monoflow.logdet import LogDetEstimator
 from monoflow.solvers import SolverOptions
 
@@ -28,15 +28,16 @@ TOY_KINDS = ("monotone", "idensenet", "resflow")
 REGRESSION_KINDS = ("residual", "residual_actnorm", "implicit_actnorm", "monotone_actnorm")
 
 
-def lipswish_mlp(dim: int, hidden: Sequence[int], coeff: float = 0.9) -> nn.Sequential:
-    """Residual Flow's g: spectral-normalised Linear layers with LipSwish between them."""
+def lipswish_mlp(dim: int, hidden: Sequence[int], coeff: float = 0.9) -> LipschitzChain:
+    """Residual Flow's g: spectral-normalised Linear layers with LipSwish between them (an
+    ``nn.Sequential`` that also propagates Jacobians)."""
     widths = [dim, *hidden, dim]
     layers: List[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         if i > 0:
             layers.append(LipSwish())
         layers.append(SpectralNormLinear(fan_in, fan_out, coeff=coeff))
-    return nn.Sequential(*layers)
+    return LipschitzChain(*layers)
 
 
 #: the forward solves of the 1-D flows: one number per sample (monoflow.scalar_resolvent)
