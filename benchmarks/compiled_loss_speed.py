@@ -1,8 +1,8 @@
 """Training with ``--compile`` (``monoflow.compiled``) against eager training.
 
-For the paper's 2-D Monotone Flow and i-DenseNet (10 blocks, exact log-det, learnable
-concatenation on, after 20 eager iterations so that g is away from its initialisation), in one
-process and on the same model:
+For the paper's 2-D Monotone Flow, i-DenseNet and Residual Flow (10 blocks, exact log-det,
+learnable concatenation on, after 20 eager iterations so that g is away from its initialisation),
+in one process and on the same model:
 
 1. compile, and time the first call;
 2. check the compiled loss and every parameter's gradient against ``-flow.log_prob(x).mean()``;
