@@ -196,6 +196,7 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     assert compiled["sessions"][-1]["training_loss"].startswith("compiled")
     assert eager["sessions"][-1]["training_loss"] == "eager"
     assert compiled["compiled_loss"]["batches_last_session"] == 6
+    assert compiled["compiled_loss"]["newton_steps"] == 4
     assert compiled["compiled_loss"]["eager_fallbacks_last_session"] == 0
     # compiled at the first batch and again when learnable concatenation switched on
     assert compiled["compiled_loss"]["compiles_last_session"] == 2
@@ -211,3 +212,17 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     assert [t["metric"] for t in resumed["tests"]] == pytest.approx([t["metric"] for t in compiled["tests"]], rel=1e-6)
     assert [t["train_loss"] for t in resumed["tests"]] == pytest.approx(
         [t["train_loss"] for t in compiled["tests"]], rel=1e-6)
+
+
+def test_a_compiled_residual_flow_run_trains_like_an_eager_one(tmp_path):
+    tiny = dict(ARCHITECTURE, batch_size=64, iterations=4, test_every=2, test_samples=256, report_last=2,
+                roundtrip_points=32, figure_grid=16, figure_samples=128)
+    config = toy_config("quick", model="resflow", dataset="moons", **tiny)
+    compiled = run_toy(config, tmp_path / "compiled", progress=False, compile=True)
+    eager = run_toy(config, tmp_path / "eager", progress=False)
+    assert compiled["sessions"][-1]["training_loss"] == "compiled"
+    assert compiled["compiled_loss"]["newton_steps"] is None  # residual blocks: no solves in training
+    assert compiled["compiled_loss"]["compiles_last_session"] == 1
+    for mine, theirs in zip(compiled["tests"], eager["tests"]):
+        assert math.isclose(mine["train_loss"], theirs["train_loss"], rel_tol=1e-4)
+        assert math.isclose(mine["metric"], theirs["metric"], rel_tol=1e-4)

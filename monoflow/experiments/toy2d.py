@@ -160,7 +160,8 @@ class ToyExperiment:
         extra: Dict[str, Any] = {}
         if self._compiled_loss is not None:
             update = self._compiled_update.compile_s if self._compiled_update is not None else 0.0
-            extra["compiled_loss"] = {"newton_steps": self._compiled_loss.newton_steps,
+            solves = self.config.model == "monotone"  # the other models' blocks have no solves in training
+            extra["compiled_loss"] = {"newton_steps": self._compiled_loss.newton_steps if solves else None,
                                       "batches_last_session": self._compiled_loss.batches,
                                       "eager_fallbacks_last_session": self._compiled_loss.fallbacks,
                                       "compiles_last_session": self._compiled_loss.compiles,
