@@ -611,19 +611,25 @@ class LipschitzChain(nn.Sequential):
         through an activation (ordinary differentiable ops, so it can be trained through)."""
         if w.dim() != 2:
             raise ValueError(f"LipschitzChain.jacobian expects flat inputs (B, d), got shape {tuple(w.shape)}")
-        batch, dim = w.shape
-        # propagated transposed, (B, d, channels), so each linear map is one batched GEMM
-        jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)
-        x = w
-        for layer in self:
-            if hasattr(layer, "forward_with_jacobian"):
-                x, jac = layer.forward_with_jacobian(x, jac)
-            elif hasattr(layer, "derivative") and not getattr(layer, "concatenates", False):
-                x, jac = layer(x), layer.derivative(x).unsqueeze(1) * jac
-            else:
-                raise ValueError(f"LipschitzChain.jacobian needs linear layers with forward_with_jacobian and "
-                                 f"elementwise activations with derivative; got a {type(layer).__name__}")
-        return x, jac.transpose(1, 2)
+        return _propagate_jacobian(self, w)
+
+
+def _propagate_jacobian(layers: Sequence[nn.Module], w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(g(w), dg/dw)`` through ``layers`` for flat ``w`` (B, d): each layer steps with its
+    ``forward_with_jacobian``, or as an elementwise activation with its ``derivative``."""
+    batch, dim = w.shape
+    # propagated transposed, (B, d, channels), so each linear map is one batched GEMM
+    jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)
+    x = w
+    for layer in layers:
+        if hasattr(layer, "forward_with_jacobian"):
+            x, jac = layer.forward_with_jacobian(x, jac)
+        elif hasattr(layer, "derivative") and not getattr(layer, "concatenates", False):
+            x, jac = layer(x), layer.derivative(x).unsqueeze(1) * jac
+        else:
+            raise ValueError(f"LipschitzChain.jacobian needs linear layers with forward_with_jacobian and "
+                             f"elementwise activations with derivative; got a {type(layer).__name__}")
+    return x, jac.transpose(1, 2)
 
 
 class DenseNet(nn.Module):
@@ -701,13 +707,7 @@ class DenseNet(nn.Module):
                     f"DenseNet.jacobian needs flat (linear) layers; {type(layer).__name__} has no "
                     "forward_with_jacobian"
                 )
-        batch, dim = w.shape
-        # propagated transposed, (B, d, channels), so each linear map is one batched GEMM
-        jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)
-        x = w
-        for layer in self.layers:
-            x, jac = layer.forward_with_jacobian(x, jac)
-        return x, jac.transpose(1, 2)
+        return _propagate_jacobian(self.layers, w)
 
     def lipschitz_bound(self) -> float:
         """Certified upper bound of Lip(g): product of the layers' rigorous bounds."""
