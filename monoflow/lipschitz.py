@@ -494,6 +494,8 @@ def _scale(eta: Union[torch.Tensor, float], t: torch.Tensor) -> torch.Tensor:
     """``eta * t`` for a scalar eta, or one eta per row (shape (rows, 1)) against t (rows, ...)."""
     if isinstance(eta, torch.Tensor) and eta.dim() > 0:
         return eta.view((eta.shape[0],) + (1,) * (t.dim() - 1)) * t
+    if not isinstance(eta, torch.Tensor) and eta == 1.0:
+        return t
     return eta * t
 
 
@@ -674,7 +676,7 @@ class DenseNet(nn.Module):
         return F.linear(features, weights[-1], last.bias)
 
     def _column_scaled_weights(self, width: int) -> List[torch.Tensor]:
-        r""":math:`\bar W_\ell \mathrm{diag}(s_\ell)` for every layer (see :meth:`_forward_into_buffer`)."""
+        r""":meth:`_scaled_weights` without autograd, cached until a parameter changes."""
         *dense, last = self.layers
         linears = [layer.linear for layer in dense] + [last]
         key = (width, tuple(layer.learnable_concat for layer in dense),
@@ -683,16 +685,26 @@ class DenseNet(nn.Module):
         cache = self.__dict__.get("_scaled_weight_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
+        with torch.no_grad():
+            weights = self._scaled_weights(width)
+        self.__dict__["_scaled_weight_cache"] = (key, weights)
+        return weights
+
+    def _scaled_weights(self, width: int) -> List[torch.Tensor]:
+        r""":math:`\bar W_\ell\, \mathrm{diag}(s_\ell)` for every layer, where :math:`s_\ell` scales the
+        unscaled features :math:`u = [x, a_1, a_2, \dots]` that layer :math:`\ell` reads (products of
+        the :math:`\eta`'s; see :meth:`_forward_into_buffer`). Differentiable: the gradients of the
+        :math:`\eta`'s then come from weight-sized tensors instead of batch-sized features."""
+        *dense, last = self.layers
+        linears = [layer.linear for layer in dense] + [last]
         scales = last.weight.new_ones(width)
         weights = []
         for index, linear in enumerate(linears):
-            weight = linear.normalized_weight()
-            weights.append(weight * scales)
+            weights.append(linear.normalized_weight() * scales)
             if index < len(dense):
                 eta1, eta2 = dense[index].etas()
                 added = linears[index + 1].in_features - scales.numel()
-                scales = torch.cat([scales * eta1, scales.new_full((added,), float(eta2))])
-        self.__dict__["_scaled_weight_cache"] = (key, weights)
+                scales = torch.cat([scales * eta1, scales.new_ones(added) * eta2])
         return weights
 
     def jacobian(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -707,7 +719,20 @@ class DenseNet(nn.Module):
                     f"DenseNet.jacobian needs flat (linear) layers; {type(layer).__name__} has no "
                     "forward_with_jacobian"
                 )
-        return _propagate_jacobian(self.layers, w)
+        if not self._flat:
+            return _propagate_jacobian(self.layers, w)
+        # the eta's folded into the next layers' weights (see _scaled_weights): no rescaling of
+        # batch-sized features and Jacobians, and cheap gradients for learnable concatenation
+        eager_no_grad = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        weights = (self._column_scaled_weights if eager_no_grad else self._scaled_weights)(w.shape[1])
+        *dense, last = self.layers
+        batch, dim = w.shape
+        jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)  # transposed, (B, d, channels)
+        x = w
+        for layer, weight in zip(dense, weights):
+            pre, pre_jac = F.linear(x, weight, layer.linear.bias), F.linear(jac, weight)
+            x, jac = dense_layer_output(layer.activation, x, pre, 1.0, 1.0, jac, pre_jac)
+        return F.linear(x, weights[-1], last.bias), F.linear(jac, weights[-1]).transpose(1, 2)
 
     def lipschitz_bound(self) -> float:
         """Certified upper bound of Lip(g): product of the layers' rigorous bounds."""

@@ -206,7 +206,7 @@ def test_jacobian_propagation_matches_autograd(activation, learnable):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_no_grad_forward_equals_the_layer_by_layer_map(activation):
     """Without autograd a flat DenseNet writes features into one buffer and folds the concatenation
-    scales into cached weights; it must equal the composition of its layers, also after every kind
+    scales into cached weights (also for its Jacobian); it must equal the composition of its layers, also after every kind
     of change the cache has to notice (weights, spectral-norm state, scales, the concat flag)."""
     torch.manual_seed(7)
     g = dense_mlp(3, 3, 8, activation, coeff=0.97).double()
@@ -221,6 +221,10 @@ def test_no_grad_forward_equals_the_layer_by_layer_map(activation):
     def check():
         with torch.no_grad():
             torch.testing.assert_close(g(w), by_layer(w), rtol=1e-12, atol=1e-13)
+            value, jac = g.jacobian(w)  # the same cached weights
+        value_grad, jac_grad = g.jacobian(w)  # the scaled weights recomputed with autograd
+        torch.testing.assert_close(value, by_layer(w), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(jac, jac_grad.detach(), rtol=1e-12, atol=1e-13)
 
     check()
     with torch.no_grad():
