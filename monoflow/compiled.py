@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Hashable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,27 @@ def _run_compiled(function, what: str, *args):
             f"torch.compile could not compile {what} ({type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}); "
             "on a CPU it needs a working C++ compiler (gcc or clang): install one, or train without --compile"
         ) from error
+
+
+class _Compilations:
+    """Counts and times the calls that (re)compile: those made with a new key (what the compiled
+    graph depends on besides its inputs' shapes)."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds = 0, 0.0
+        self._key: Optional[Hashable] = None
+
+    @contextmanager
+    def timed(self, key: Hashable) -> Iterator[bool]:
+        """Yields whether ``key`` is new; if so, the block's wall time is added to ``seconds``."""
+        if key == self._key:
+            yield False
+            return
+        tick = time.perf_counter()
+        yield True
+        self.seconds += time.perf_counter() - tick
+        self.count += 1
+        self._key = key
 
 
 def _solve_small(matrix: Tensor, rhs: Tensor) -> Tensor:
@@ -154,9 +176,7 @@ class CompiledFlowLoss:
         self.atol, self.rtol = atol, rtol
         self.batches = 0
         self.fallbacks = 0
-        self.compile_s = 0.0
-        self.compiles = 0
-        self._compiled_for: Optional[Tuple] = None
+        self._compilations = _Compilations()
         steps = newton_steps
         self._loss = torch.compile(lambda x: _flow_loss(flow, x, steps), fullgraph=True, dynamic=False)
 
@@ -169,14 +189,12 @@ class CompiledFlowLoss:
         # and whether the concatenation scales are used (learnable concatenation)
         trainable = (tuple(p.requires_grad for p in self.flow.parameters()),
                      tuple(m.learnable_concat for m in self.flow.modules() if isinstance(m, LipschitzDenseLayer)))
-        if trainable != self._compiled_for:  # torch.compile traces and compiles (again) here
-            tick = time.perf_counter()
-            warm_up, _, _ = _run_compiled(self._loss, "the training loss", x)
-            if warm_up.requires_grad:  # the backward graph compiles at its first call
-                torch.autograd.grad(warm_up, [p for p in self.flow.parameters() if p.requires_grad], allow_unused=True)
-            self.compile_s += time.perf_counter() - tick
-            self.compiles += 1
-            self._compiled_for = trainable
+        with self._compilations.timed(trainable) as new:
+            if new:  # torch.compile traces and compiles (again) here
+                warm_up, _, _ = _run_compiled(self._loss, "the training loss", x)
+                if warm_up.requires_grad:  # the backward graph compiles at its first call
+                    torch.autograd.grad(warm_up, [p for p in self.flow.parameters() if p.requires_grad],
+                                        allow_unused=True)
         loss, residuals, norms = _run_compiled(self._loss, "the training loss", x)
         self.batches += 1
         converged = self._record(residuals, norms, x)
@@ -184,6 +202,14 @@ class CompiledFlowLoss:
             self.fallbacks += 1
             return -self.flow.log_prob(x).mean()
         return loss
+
+    @property
+    def compiles(self) -> int:
+        return self._compilations.count
+
+    @property
+    def compile_s(self) -> float:
+        return self._compilations.seconds
 
     def _record(self, residuals: List[Tensor], norms: List[Tensor], x: Tensor) -> bool:
         """Write each monotone block's solve into ``last_solves``; whether all converged."""
@@ -214,8 +240,7 @@ class CompiledUpdate:
         if not isinstance(power_iterations, int) or isinstance(power_iterations, bool) or power_iterations < 0:
             raise ValueError(f"power_iterations must be a non-negative int, got {power_iterations!r}")
         self.model, self.optimizer, self.power_iterations = model, optimizer, power_iterations
-        self.compile_s = 0.0
-        self._compiled_for: Optional[Tuple] = None
+        self._compilations = _Compilations()
         self._update = torch.compile(self._eager)
 
     def _eager(self) -> None:
@@ -225,10 +250,9 @@ class CompiledUpdate:
     def __call__(self) -> None:
         key = (tuple(group["lr"] for group in self.optimizer.param_groups),
                tuple(p.grad is not None for p in self.model.parameters()))
-        if key == self._compiled_for:
+        with self._compilations.timed(key):
             _run_compiled(self._update, "the parameter update")
-            return
-        tick = time.perf_counter()
-        _run_compiled(self._update, "the parameter update")
-        self.compile_s += time.perf_counter() - tick
-        self._compiled_for = key
+
+    @property
+    def compile_s(self) -> float:
+        return self._compilations.seconds
