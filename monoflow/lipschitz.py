@@ -109,8 +109,12 @@ def reuse_parameter_transforms():
 
 def _reused(owner: object, name: str, compute: Callable[[], object]):
     """``compute()``, or its value from earlier in the same :func:`reuse_parameter_transforms`."""
+    if torch.compiler.is_compiling():
+        # a compiled graph shares values itself; and reading _PASS here would make the graph
+        # depend on it (a guard), so the first eager pass after compiling would compile again
+        return compute()
     cache = getattr(_PASS, "cache", None)
-    if cache is None or torch.compiler.is_compiling():  # a compiled graph shares values itself
+    if cache is None:
         return compute()
     key = (id(owner), name)
     if key not in cache:

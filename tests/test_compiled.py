@@ -96,6 +96,29 @@ def test_newton_solves_are_recorded_and_converged(monotone):
         assert "adjoint" not in block.last_solves
 
 
+def test_eager_passes_between_compiled_calls_do_not_recompile():
+    """A training run tests the flow eagerly between compiled iterations; the compiled graph must not
+    depend on state that those passes leave behind (it did: the per-pass parameter cache), or the
+    first test would cost a whole second compile."""
+    from monoflow import lipschitz
+
+    torch.manual_seed(4)
+    flow = _spread_weights(toy_flow("monotone", **ARCHITECTURE))
+    set_learnable_concat(flow, True)
+    loss_fn = CompiledFlowLoss(flow)
+    if hasattr(lipschitz._PASS, "cache"):  # as in a fresh process: no eager pass has run yet
+        del lipschitz._PASS.cache
+    x = 2 * torch.randn(256, 2)
+    loss_fn(x).backward()
+    with torch.no_grad():
+        z, _ = flow(x)
+        flow.inverse(z)
+    flow.log_prob(x).mean().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss_fn(x).backward()
+    assert loss_fn.compiles == 1 and loss_fn.fallbacks == 0
+
+
 def test_newton_resolvent_solves_and_has_the_implicit_gradient(float64):
     torch.manual_seed(3)
     g = dense_mlp(2, 2, 8, "cpila", coeff=0.9, lip_coeff=0.98)
