@@ -13,9 +13,10 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Union
+from typing import Any, Dict, Iterator, List, Union
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "restore_rng_state",
     "StopRequest",
     "stop_on_signals",
+    "FolderLock",
+    "LOCK_NAME",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -128,3 +131,56 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+#: The lock file a training process holds in each folder it writes (ignored by git).
+LOCK_NAME = ".training.lock"
+
+
+class FolderLock:
+    """An exclusive lock on run folders for as long as one process trains in them, so that a second
+    process started on the same run (the same command twice) stops with an error that says so,
+    instead of both writing its checkpoint. ``fcntl.flock`` on ``<folder>/.training.lock``: the
+    operating system releases it when the lock is released, the object is collected, or the process
+    ends in any way, so a killed run never leaves a stale lock. Without ``fcntl`` (Windows) no lock
+    is taken. Use as a context manager, or keep the object and call :meth:`release`."""
+
+    def __init__(self, *folders: PathLike) -> None:
+        self._handles: List[Any] = []
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        try:
+            for folder in folders:
+                folder = Path(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = open(folder / LOCK_NAME, "a+")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    raise RuntimeError(
+                        f"{folder} is in use: {holder} is training this run. Wait for it to finish, or stop it "
+                        "(SIGTERM or Ctrl-C saves its checkpoint) and rerun the command to resume") from None
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+                handle.flush()
+                self._handles.append(handle)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Release every folder (closing the file releases its lock)."""
+        while self._handles:
+            self._handles.pop().close()
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()

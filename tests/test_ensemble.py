@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from monoflow.blocks import ActNorm, MonotoneBlock
+from monoflow.checkpoint import FolderLock
 from monoflow.cli import main
 from monoflow.ensemble import EnsembleDenseNet, split_members, stack_flows
 from monoflow.experiments import run_toy, toy_config, toy_table
@@ -167,6 +168,18 @@ def test_training_together_equals_training_alone(tmp_path):
     again = run_toy_ensemble(configs, tmp_path / "together", progress=False)
     assert again["members"] == record["members"]
     assert pending_members(configs, tmp_path / "together") == []
+
+
+def test_an_ensemble_refuses_a_member_run_in_use(tmp_path):
+    """Training together writes every member's own folder, so a member trained alone at the same
+    time (another process) stops the ensemble before it writes anything; released, it trains."""
+    configs = [toy_config("quick", dataset=d, seed=0, **TINY) for d in ("8gaussians", "moons")]
+    member = run_directory(configs[1], tmp_path)
+    with FolderLock(member):
+        with pytest.raises(RuntimeError, match=f"{member.name} is in use"):
+            run_toy_ensemble(configs, tmp_path, progress=False)
+    assert not (ensemble_directory(ToyEnsembleConfig(tuple(configs)), tmp_path) / "checkpoint.pt").exists()
+    assert run_toy_ensemble(configs, tmp_path, progress=False)["status"] == "finished"
 
 
 def test_ensemble_resume_equals_uninterrupted(tmp_path):

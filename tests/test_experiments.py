@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +204,26 @@ def test_resume_equals_uninterrupted(tmp_path, experiment):
     # a different seed gives a different run (the comparison above can fail)
     other = run(dataclasses.replace(config, seed=1), tmp_path / "whole", progress=False)
     assert [t["metric"] for t in other["tests"]] != [t["metric"] for t in whole["tests"]]
+
+
+def test_a_run_another_process_is_training_is_refused(tmp_path):
+    """Two processes training one run would overwrite each other's checkpoint: the second stops
+    with an error naming the folder and the process that holds it, before writing anything; a
+    killed holder leaves no stale lock."""
+    config = toy_config("quick", dataset="moons", **TINY_TOY)
+    folder = run_directory(config, tmp_path)
+    script = ("import sys, time\nfrom monoflow.checkpoint import FolderLock\n"
+              "lock = FolderLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"{folder.name} is in use: process {holder.pid} on .*rerun"):
+            run_toy(config, tmp_path, progress=False)
+        assert sorted(p.name for p in folder.iterdir()) == [".training.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_toy(config, tmp_path, progress=False)["status"] == "finished"
 
 
 def test_crash_resumes_from_time_based_checkpoint(tmp_path):

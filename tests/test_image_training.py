@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from monoflow.checkpoint import FolderLock
 from monoflow.cli import main as cli_main
 from monoflow.data.images import ImageArray
 from monoflow.images import image_table, train_image_flow
@@ -50,6 +51,16 @@ def test_run_record_and_table(tmp_path):
     table = image_table(tmp_path)
     assert list(table["preset"]) == ["digits"] and table["bpd_test"][0] == pytest.approx(metrics["bpd_test"])
     assert table["samples"][0].endswith("samples.png") and table["params"][0] == record["params"]
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """A second training in a folder that one is training in stops before it writes anything."""
+    out = tmp_path / "run"
+    with FolderLock(out):
+        with pytest.raises(RuntimeError, match="run is in use"):
+            run(out, 2)
+    assert sorted(p.name for p in out.iterdir()) == [".training.lock"]
+    assert run(out, 2)["iterations"] == 2
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):

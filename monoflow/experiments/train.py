@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from monoflow.blocks import solver_stats
 from monoflow.checkpoint import (
+    FolderLock,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -246,12 +247,22 @@ def train(
         The run record (the content of run.json) when finished, else
         ``{"status": "interrupted", "step": ..., "tests": [...], "signal": ...}`` (after
         ``stop_after`` iterations, or a SIGTERM / SIGINT, which saves a checkpoint first).
+
+    Raises:
+        RuntimeError: another process is training in ``run_dir`` (see
+            :class:`~monoflow.checkpoint.FolderLock`).
     """
+    # the ensemble's member folders are written too (their own run folders)
+    folders = [Path(run_dir), *getattr(experiment, "member_dirs", ())]
+    with FolderLock(*folders):
+        return _train(experiment, Path(run_dir), torch.device(device), progress, stop_after)
+
+
+def _train(experiment: Experiment, run_dir: Path, device: torch.device, progress: bool,
+           stop_after: Optional[int]) -> Dict[str, Any]:
+    """:func:`train` with its folders locked."""
     config = experiment.config
     config_dict = config_to_dict(config)
-    device = torch.device(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     run_path, checkpoint_path = run_dir / RUN_NAME, run_dir / CHECKPOINT_NAME
     log = RunLog(run_dir / LOG_NAME)
 

@@ -37,7 +37,7 @@ from monoflow.blocks import solver_stats
 from monoflow.data.images import ImageArray, batches_per_epoch, load_image_dataset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
-from monoflow.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, stop_on_signals
+from monoflow.checkpoint import FolderLock, capture_rng_state, restore_rng_state, save_checkpoint, stop_on_signals
 from monoflow.images.checkpoint import checkpoint_path, load_checkpoint, rng_path
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
                                          broadcast_module, init_distributed)
@@ -157,8 +157,8 @@ def train_image_flow(
     spec = get_image_preset(preset)
     config, training, model_name = build_run(spec, model, model_overrides, training_overrides)
     out = Path(run_dir) if run_dir else run_directory(results_dir, spec.name, model_name, seed)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    # released at the end (early returns: when collected; a killed process: by the system)
+    folder_lock = FolderLock(out) if ctx.is_main else None
     barrier(ctx)
 
     if train_data is None:
@@ -343,6 +343,7 @@ def train_image_flow(
         record["metrics"] = {**record.get("metrics", {}), "train_surrogate_bpd_last": log[-1]["train_surrogate_bpd"]}
     if ctx.is_main:
         write_json(record, out / "run.json")
+        folder_lock.release()
     barrier(ctx)
     return record
 
