@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monoflow.cli import main
-from monoflow.compiled import CompiledFlowLoss, CompiledUpdate, newton_resolvent
+from monoflow.compiled import DEFAULT_NEWTON_STEPS, CompiledFlowLoss, CompiledUpdate, newton_resolvent
 from monoflow.experiments import run_toy, toy_config
 from monoflow.experiments.train import make_optimizer
 from monoflow.lipschitz import SpectralNormLinear, dense_mlp, set_learnable_concat, update_lipschitz
@@ -19,6 +19,7 @@ from monoflow.flows import Flow
 from monoflow.models import toy_flow
 
 ARCHITECTURE = dict(nblocks=2, depth=1, growth=8)
+SQRT2 = math.sqrt(2.0)
 
 
 def _spread_weights(flow):
@@ -96,6 +97,28 @@ def test_newton_solves_are_recorded_and_converged(monotone):
         assert "adjoint" not in block.last_solves
 
 
+def test_the_recorded_residual_is_that_of_the_solution_the_loss_uses():
+    """The convergence check reads the residual at the returned solution (the pass that also gives
+    the log-det), not at the point before the differentiable step. With one Newton step before it,
+    the two differ by orders of magnitude."""
+    torch.manual_seed(5)
+    flow = _spread_weights(toy_flow("monotone", **ARCHITECTURE))
+    loss_fn = CompiledFlowLoss(flow, newton_steps=1)
+    loss_fn.atol, loss_fn.rtol = 1.0, 0.0  # record without falling back to the eager loss
+    x = 2 * torch.randn(128, 2)
+    loss_fn(x)
+    with torch.no_grad():
+        for block in flow.blocks:
+            b = SQRT2 * x
+            w, value, _ = newton_resolvent(block.g, b, 1)
+            at_solution = (w + value - b).norm(dim=1)
+            w_before, value_before, _ = newton_resolvent(block.g, b, 0)  # the point the last step starts from
+            before_step = (w_before + value_before - b).norm(dim=1)
+            assert float(before_step.max()) > 100 * float(at_solution.max())
+            assert torch.allclose(block.last_solves["forward"].residual, at_solution, rtol=1e-2, atol=1e-6)
+            x = SQRT2 * w - x
+
+
 def test_eager_passes_between_compiled_calls_do_not_recompile():
     """A training run tests the flow eagerly between compiled iterations; the compiled graph must not
     depend on state that those passes leave behind (it did: the per-pass parameter cache), or the
@@ -126,15 +149,18 @@ def test_newton_resolvent_solves_and_has_the_implicit_gradient(float64):
         for layer in g.layers[:-1]:
             layer.linear.weight.mul_(3.0)
     b = torch.randn(5, 2, requires_grad=True)
-    w, residual = newton_resolvent(g, b, steps=6)
-    assert float((w + g(w) - b).abs().max()) < 1e-12 and float(residual.max()) < 1e-10
+    w, value, jac_w = newton_resolvent(g, b, steps=6)
+    assert float((w + g(w) - b).abs().max()) < 1e-12
+    # g and its Jacobian at the returned solution, as an independent pass computes them
+    reference_value, reference_jac = g.jacobian(w.detach())
+    assert torch.allclose(value, reference_value, atol=1e-12) and torch.allclose(jac_w, reference_jac, atol=1e-12)
     # dw/db = (I + J)^-1 at the solution, from finite differences of the solve
     _, jac = g.jacobian(w.detach())
     expected = torch.linalg.inv(torch.eye(2) + jac)
     (row,) = torch.autograd.grad(w[:, 0].sum(), b)
     assert torch.allclose(row, expected[:, 0, :], atol=1e-10)
     eps = 1e-6
-    shifted, _ = newton_resolvent(g, (b + eps * torch.tensor([1.0, 0.0])).detach(), steps=6)
+    shifted, _, _ = newton_resolvent(g, (b + eps * torch.tensor([1.0, 0.0])).detach(), steps=6)
     assert torch.allclose((shifted - w.detach()) / eps, expected[:, :, 0], atol=1e-5)
 
 
@@ -219,7 +245,7 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     assert compiled["sessions"][-1]["training_loss"].startswith("compiled")
     assert eager["sessions"][-1]["training_loss"] == "eager"
     assert compiled["compiled_loss"]["batches_last_session"] == 6
-    assert compiled["compiled_loss"]["newton_steps"] == 4
+    assert compiled["compiled_loss"]["newton_steps"] == DEFAULT_NEWTON_STEPS
     assert compiled["compiled_loss"]["eager_fallbacks_last_session"] == 0
     # compiled at the first batch and again when learnable concatenation switched on
     assert compiled["compiled_loss"]["compiles_last_session"] == 2
