@@ -51,11 +51,13 @@ def _cpu_name() -> str:
 
 
 def device_description(device: Union[str, torch.device] = "cpu") -> str:
-    """``"cuda:0 (NVIDIA H200)"`` or ``"cpu (<model>, N threads)"``."""
+    """``"cuda:0 (NVIDIA H200)"`` or ``"cpu (<model>, <vector ISA>, N threads)"``, where the ISA is
+    the widest one torch's CPU kernels dispatch to (``AVX512``, ``AVX2``, ...): two CPUs with the
+    same model name can differ in it, and so in speed."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({_cpu_name()}, {torch.get_num_threads()} threads)"
+    return f"{device} ({_cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[str, Any]:

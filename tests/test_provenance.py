@@ -1,9 +1,18 @@
-"""Benchmark reports: the timing comparison and the measure-and-save loop."""
+"""Benchmark reports (the timing comparison and the measure-and-save loop) and the device record."""
 import json
 
 import pytest
+import torch
 
-from monoflow.provenance import benchmark_report, compare_timings, run_benchmark
+from monoflow.provenance import benchmark_report, compare_timings, device_description, run_benchmark
+
+
+def test_the_cpu_description_names_the_vector_isa_and_the_thread_count():
+    """Runs on CPUs with one model name but different vector units differ about twice in speed, so
+    the record names the ISA torch dispatches to, not only the model."""
+    described = device_description("cpu")
+    assert described.startswith("cpu (") and described.endswith(f", {torch.get_num_threads()} threads)")
+    assert f", {torch.backends.cpu.get_cpu_capability()}, " in described
 
 
 def test_compare_timings_projects_both_runs_against_the_target():
