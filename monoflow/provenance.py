@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["provenance", "git_commit", "device_description", "benchmark_report", "save_benchmark_report",
+__all__ = ["provenance", "git_commit", "device_description", "machine_of", "benchmark_report", "save_benchmark_report",
            "compare_timings", "run_benchmark"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -58,6 +59,13 @@ def device_description(device: Union[str, torch.device] = "cpu") -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({_cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+
+
+def machine_of(description: str) -> str:
+    """The machine part of a :func:`device_description`, without the thread count:
+    ``"cpu (AMD EPYC, AVX2, 1 threads)"`` -> ``"cpu (AMD EPYC, AVX2)"``. Records written before the
+    description named the vector ISA give ``"cpu (AMD EPYC)"``."""
+    return re.sub(r", \d+ threads\)$", ")", str(description))
 
 
 def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[str, Any]:

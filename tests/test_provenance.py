@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from monoflow.provenance import benchmark_report, compare_timings, device_description, run_benchmark
+from monoflow.provenance import benchmark_report, compare_timings, device_description, machine_of, run_benchmark
 
 
 def test_the_cpu_description_names_the_vector_isa_and_the_thread_count():
@@ -13,6 +13,9 @@ def test_the_cpu_description_names_the_vector_isa_and_the_thread_count():
     described = device_description("cpu")
     assert described.startswith("cpu (") and described.endswith(f", {torch.get_num_threads()} threads)")
     assert f", {torch.backends.cpu.get_cpu_capability()}, " in described
+    assert machine_of(described) == described.rsplit(", ", 1)[0] + ")"
+    assert machine_of("cpu (AMD EPYC, 12 threads)") == "cpu (AMD EPYC)"  # a record from before the ISA was named
+    assert machine_of("cuda:0 (NVIDIA H200)") == "cuda:0 (NVIDIA H200)"
 
 
 def test_compare_timings_projects_both_runs_against_the_target():
