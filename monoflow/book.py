@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from monoflow.provenance import device_description, git_commit
+from monoflow.provenance import device_description, git_commit, machine_of
 
 __all__ = [
     "NotebookSpec",
@@ -48,6 +48,7 @@ __all__ = [
     "provenance",
     "results_provenance",
     "session_kinds",
+    "session_machines",
     "reproduction_status",
     "html_table",
 ]
@@ -501,11 +502,24 @@ def results_provenance(records: Sequence[Mapping[str, Any]], root: Optional[Path
     return pd.DataFrame(rows, columns=columns)
 
 
+def _over_sessions(record: Mapping[str, Any], describe: Callable[[Mapping[str, Any]], str], default: str) -> str:
+    """The distinct ``describe(session)`` of a run's sessions, sorted and joined by `` + ``
+    (``default`` for a record without sessions)."""
+    values = {describe(session) for session in record.get("sessions") or []}
+    return " + ".join(sorted(values)) if values else default
+
+
 def session_kinds(record: Mapping[str, Any], key: str, default: str) -> str:
     """The first words of a session note over a run's sessions (``default`` where a session has
     none), e.g. ``eager``, ``compiled`` or ``compiled + eager``."""
-    kinds = {str(session.get(key, default)).split(" ")[0] for session in record.get("sessions") or []}
-    return " + ".join(sorted(kinds)) if kinds else default
+    return _over_sessions(record, lambda session: str(session.get(key, default)).split(" ")[0], default)
+
+
+def session_machines(record: Mapping[str, Any]) -> str:
+    """The machines a run trained on, thread counts aside (:func:`monoflow.provenance.machine_of`),
+    e.g. ``cpu (AMD EPYC) + cpu (AMD EPYC, AVX2)``; a record without sessions gives its provenance's."""
+    default = machine_of(record.get("provenance", {}).get("device", "unknown"))
+    return _over_sessions(record, lambda session: machine_of(session.get("device", "unknown")), default)
 
 
 def provenance(parameters: Mapping[str, Any], device: Optional[str] = None) -> "Any":

@@ -33,6 +33,7 @@ from monoflow.book import (
     notebook_parameters,
     repository_root,
     results_provenance,
+    session_machines,
 )
 
 ROOT = repository_root()
@@ -164,6 +165,13 @@ def test_build_book_rejects_bad_requests(tmp_path):
         build_book(tmp_path, notebooks=["99_nothing"])
     with pytest.raises(FileNotFoundError, match="no executed copy"):
         build_book(tmp_path, execute=False)
+
+
+def test_session_machines_names_every_machine_a_run_trained_on_without_thread_counts():
+    resumed = {"sessions": [{"device": "cpu (AMD EPYC, 2 threads)"}, {"device": "cpu (AMD EPYC, AVX2, 1 threads)"},
+                            {"device": "cpu (AMD EPYC, AVX2, 2 threads)"}]}
+    assert session_machines(resumed) == "cpu (AMD EPYC) + cpu (AMD EPYC, AVX2)"
+    assert session_machines({"provenance": {"device": "cuda:0 (NVIDIA H200)"}}) == "cuda:0 (NVIDIA H200)"
 
 
 def test_results_provenance_names_runs_trained_together(tmp_path):
