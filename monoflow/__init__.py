@@ -4,7 +4,7 @@ The math core: :mod:`monoflow.activations`, :mod:`monoflow.lipschitz`, :mod:`mon
 :mod:`monoflow.implicit`, :mod:`monoflow.logdet`, :mod:`monoflow.blocks`, :mod:`monoflow.flows`;
 model builders in :mod:`monoflow.models`.
 """
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written; pyproject.toml reads it
 
 from monoflow.blocks import ActNorm, ImplicitBlock, MonotoneBlock, ResidualBlock, solver_stats
 from monoflow.flows import Flow, StandardNormal
