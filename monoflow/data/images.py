@@ -301,7 +301,10 @@ def load_downsampled_imagenet(root: PathLike, size: int, train: bool = True) -> 
 
 def load_digits(train: bool = True, n_train: int = 1500) -> ImageArray:
     """scikit-learn's 8x8 digits (1797 images, 17 levels), a fixed split (permutation seed 0)."""
-    from sklearn.datasets import load_digits as _sk_digits
+    try:
+        from sklearn.datasets import load_digits as _sk_digits
+    except ImportError as error:  # scikit-learn is an optional extra since it serves only this set
+        raise ImportError('the digits data set needs scikit-learn: pip install "monoflow[digits]"') from error
 
     bunch = _sk_digits()
     images = np.asarray(bunch.images, dtype=np.uint8)[:, None]  # values 0..16
