@@ -6,22 +6,30 @@ step counter, the test history, and every random stream (torch's, numpy's and Py
 generators, plus the run's own data generators). Files are written to a temporary name in the
 same folder and moved into place with ``os.replace``, so a run killed while saving leaves the
 previous checkpoint intact.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)``: a file can only hold tensors and
+plain containers, so loading one never runs code, whoever wrote it. Random-number states are
+stored as tensors and lists for that reason. A file that is not a readable checkpoint raises
+:class:`CheckpointError`, naming the file and what to do about it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import signal
 import socket
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Union
+from typing import Any, Dict, Iterable, Iterator, List, Union
 
 import numpy as np
 import torch
 
 __all__ = [
+    "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
     "save_checkpoint",
@@ -68,35 +76,116 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     _atomic_replace(Path(path), lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (on the CPU)."""
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, not a monoflow checkpoint, or one whose
+    content would need code to be run to load it."""
+
+
+def _restart_hint(path: Path) -> str:
+    return f"delete {path} to start the run afresh"
+
+
+# numpy's own pickled arrays (the RNG states of checkpoints written before monoflow stored them as
+# tensors): rebuilding one calls no user code, so older checkpoints stay loadable with weights_only.
+_LEGACY_SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+try:
+    _LEGACY_SAFE_GLOBALS.append(np._core.multiarray._reconstruct)  # numpy >= 2
+except AttributeError:  # pragma: no cover - numpy 1.x
+    _LEGACY_SAFE_GLOBALS.append(np.core.multiarray._reconstruct)
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text}" if len(text) > 3 else type(error).__name__
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", required: Iterable[str] = ()) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` without running any code from it.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go (the CPU by default).
+        required: keys the checkpoint must have (a file from another program lacks them).
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        CheckpointError: the file is empty, truncated, not a torch file, holds anything but
+            tensors and plain containers (it could run code; it is not loaded), or lacks a
+            ``required`` key. The message names the file and suggests deleting it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # The checkpoint holds numpy/python RNG states and plain containers, not just tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a save was cut short?); {_restart_hint(path)}")
+    try:
+        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "global" in str(error).lower():  # it names a function or class to call
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain containers (made by an older "
+                f"monoflow, or not by monoflow); it is not loaded because loading it could run code: "
+                f"{_restart_hint(path)}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a torch file (unreadable pickle data); "
+                              f"{_restart_hint(path)}") from None
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as error:  # any other failure to parse the file: it is damaged or foreign
+        raise CheckpointError(f"checkpoint {path} is damaged or not a torch file ({_reason(error)}); "
+                              f"{_restart_hint(path)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a monoflow checkpoint (it holds a {type(state).__name__}, "
+                              f"not a dictionary); {_restart_hint(path)}")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a monoflow checkpoint of this kind (no {', '.join(map(repr, missing))}"
+                              f"); {_restart_hint(path)}")
+    return state
 
 
 def capture_rng_state(**generators: torch.Generator) -> Dict[str, Any]:
-    """The global torch / numpy / Python RNG states plus the states of the named generators."""
+    """The global torch / numpy / Python RNG states plus the states of the named generators, as
+    tensors, numbers and lists only (loadable with ``weights_only=True``)."""
+    algorithm, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"algorithm": str(algorithm), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "state": list(python_state), "gauss_next": gauss_next},
         "generators": {name: generator.get_state() for name, generator in generators.items()},
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
+def _numpy_state(state: Any) -> tuple:
+    if isinstance(state, dict):
+        key = state["key"]
+        key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        return (state["algorithm"], key.astype(np.uint32), state["position"], state["has_gauss"],
+                state["cached_gaussian"])
+    return tuple(state)  # written before the states were stored as tensors
+
+
+def _python_state(state: Any) -> tuple:
+    if isinstance(state, dict):
+        return (state["version"], tuple(state["state"]), state["gauss_next"])
+    return (state[0], tuple(state[1]), state[2])
+
+
 def restore_rng_state(state: Dict[str, Any], **generators: torch.Generator) -> None:
     """Inverse of :func:`capture_rng_state`; every named generator must be present in ``state``."""
+    if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
+        raise CheckpointError("the random-number state of the checkpoint is incomplete (not written by monoflow?)")
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_state(state["numpy"]))
+    random.setstate(_python_state(state["python"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     for name, generator in generators.items():
-        if name not in state["generators"]:
+        if name not in state.get("generators", {}):
             raise ValueError(f"checkpoint has no state for generator {name!r}")
         generator.set_state(state["generators"][name])
 

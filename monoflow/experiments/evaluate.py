@@ -39,7 +39,7 @@ def resolve_checkpoint(path: PathLike) -> Path:
 
 def _read(path: PathLike) -> Tuple[Dict[str, Any], Any]:
     """The checkpoint at ``path`` and its configuration."""
-    checkpoint = load_checkpoint(resolve_checkpoint(path))
+    checkpoint = load_checkpoint(resolve_checkpoint(path), required=("config", "model", "state"))
     return checkpoint, config_from_dict(checkpoint["config"])
 
 

@@ -127,8 +127,15 @@ def load_run(run_dir: PathLike) -> Dict[str, Any]:
         path = path / RUN_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {RUN_NAME} at {path} (is the run finished?)")
-    with open(path, encoding="utf-8") as handle:
-        record = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid run record ({error}); delete it and rerun the run's command "
+                         "(it is rewritten from the checkpoint, or the run starts afresh)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a run record (a JSON {type(record).__name__}, not an object); delete it "
+                         "and rerun the run's command")
     record["run_dir"] = str(path.parent)
     return record
 

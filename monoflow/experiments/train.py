@@ -252,10 +252,26 @@ def train(
         RuntimeError: another process is training in ``run_dir`` (see
             :class:`~monoflow.checkpoint.FolderLock`).
     """
+    if stop_after is not None and stop_after < 0:
+        raise ValueError(f"stop_after must be >= 0 iterations, got {stop_after}")
     # the ensemble's member folders are written too (their own run folders)
     folders = [Path(run_dir), *getattr(experiment, "member_dirs", ())]
+    # a finished run is only read, so it needs no lock (its folder may be read-only)
+    finished = _finished_record(experiment, Path(run_dir))
+    if finished is not None:
+        return finished
     with FolderLock(*folders):
         return _train(experiment, Path(run_dir), torch.device(device), progress, stop_after)
+
+
+def _finished_record(experiment: Experiment, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The record of the finished run in ``run_dir`` (its configuration checked), else ``None``."""
+    if (run_dir / RUN_NAME).is_file():
+        record = load_run(run_dir)
+        if record.get("status") == "finished":
+            _check_same_config(record["config"], config_to_dict(experiment.config), run_dir)
+            return record
+    return None
 
 
 def _train(experiment: Experiment, run_dir: Path, device: torch.device, progress: bool,
@@ -263,14 +279,12 @@ def _train(experiment: Experiment, run_dir: Path, device: torch.device, progress
     """:func:`train` with its folders locked."""
     config = experiment.config
     config_dict = config_to_dict(config)
-    run_path, checkpoint_path = run_dir / RUN_NAME, run_dir / CHECKPOINT_NAME
+    checkpoint_path = run_dir / CHECKPOINT_NAME
     log = RunLog(run_dir / LOG_NAME)
 
-    if run_path.is_file():
-        record = load_run(run_dir)
-        if record.get("status") == "finished":
-            _check_same_config(record["config"], config_dict, run_dir)
-            return record
+    finished = _finished_record(experiment, run_dir)  # finished meanwhile by another process
+    if finished is not None:
+        return finished
 
     data_generator = torch.Generator().manual_seed(derived_seed(config.seed, "train"))
     test_generator = torch.Generator().manual_seed(derived_seed(config.seed, "test"))
@@ -284,7 +298,7 @@ def _train(experiment: Experiment, run_dir: Path, device: torch.device, progress
     state = RunState()
 
     if checkpoint_path.is_file():
-        checkpoint = load_checkpoint(checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path, required=("config", "model", "optimizer", "state", "rng"))
         _check_same_config(checkpoint["config"], config_dict, run_dir)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -4,16 +4,24 @@ r"""Checkpoints that let a multi-day run survive preemption.
 learning-rate scheduler, the step and the training log; ``rng_rank<r>.pt`` (one per rank) holds
 that rank's Python, NumPy, torch and CUDA random states. Files are written to a temporary name
 and renamed, so a kill during a save leaves the previous checkpoint intact. Rerunning the same
-command finds them and resumes. Writing and the random states are :mod:`monoflow.checkpoint`'s.
+command finds them and resumes. Writing, reading (``weights_only=True``: loading never runs code
+from the file) and the random states are :mod:`monoflow.checkpoint`'s.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
+from monoflow.checkpoint import load_checkpoint as _load_file
 
-__all__ = ["checkpoint_path", "rng_path", "load_checkpoint"]
+__all__ = ["checkpoint_path", "rng_path", "load_checkpoint", "load_rng_state", "REQUIRED_KEYS",
+           "OPERATIONAL_KEYS", "config_changes", "check_same_run"]
+
+#: Keys every image checkpoint has; a file without them is not one.
+REQUIRED_KEYS = ("preset", "model_name", "model_config", "training_config", "model", "ema", "optimizer",
+                 "scheduler", "step")
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -25,8 +33,73 @@ def rng_path(run_dir: Path, rank: int) -> Path:
 
 
 def load_checkpoint(run_dir: Path, map_location: Any = "cpu") -> Optional[Dict[str, Any]]:
-    """The checkpoint of ``run_dir`` or ``None`` if there is none."""
+    """The checkpoint of ``run_dir`` or ``None`` if there is none.
+
+    Raises:
+        monoflow.checkpoint.CheckpointError: the file is damaged, not an image checkpoint, or holds
+            anything but tensors and plain containers (the message names it)."""
     path = checkpoint_path(run_dir)
     if not path.exists():
         return None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return _load_file(path, map_location=map_location, required=REQUIRED_KEYS)
+
+
+def load_rng_state(run_dir: Path, rank: int) -> Optional[Dict[str, Any]]:
+    """The random-number state of ``rank`` saved in ``run_dir``, or ``None`` if there is none."""
+    path = rng_path(run_dir, rank)
+    if not path.exists():
+        return None
+    return _load_file(path, required=("torch", "numpy", "python"))
+
+
+#: Settings a resumed run may change: how often it logs, evaluates and saves, how it evaluates,
+#: and how long it trains (``iterations`` / ``epochs``: extending a run).
+OPERATIONAL_KEYS = frozenset({"eval_every", "checkpoint_every", "log_every", "n_eval_draws", "eval_batch_size",
+                              "n_samples", "iterations", "epochs"})
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists compare equal
+
+
+def _default(config_class: type, key: str) -> Any:
+    for field in dataclasses.fields(config_class):
+        if field.name == key:
+            if field.default is not dataclasses.MISSING:
+                return field.default
+            if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return field.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def config_changes(stored: Dict[str, Any], current: Dict[str, Any], config_class: type,
+                   ignore: frozenset = frozenset()) -> List[str]:
+    """The settings in which ``current`` differs from ``stored`` (both ``asdict`` of
+    ``config_class``), as ``"key: old -> new"``. A key present on one side only counts as unchanged
+    when the other side would have the dataclass default (a field added to monoflow since the
+    checkpoint was written); keys in ``ignore`` are skipped."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        if key in ignore:
+            continue
+        old = stored.get(key, _default(config_class, key))
+        new = current.get(key, _default(config_class, key))
+        if old is dataclasses.MISSING or new is dataclasses.MISSING:
+            changes.append(f"{key}: {'absent' if old is dataclasses.MISSING else _plain(old)} -> "
+                           f"{'absent' if new is dataclasses.MISSING else _plain(new)}")
+        elif _plain(old) != _plain(new):
+            changes.append(f"{key}: {_plain(old)} -> {_plain(new)}")
+    return changes
+
+
+def check_same_run(state: Dict[str, Any], model_config: Any, training_config: Any, run_dir: Path) -> None:
+    """Refuse to resume the checkpoint ``state`` with other settings than it was trained with
+    (as toy runs do); only :data:`OPERATIONAL_KEYS` may change."""
+    changes = [f"model {change}" for change in config_changes(
+        state["model_config"], dataclasses.asdict(model_config), type(model_config))]
+    changes += [f"training {change}" for change in config_changes(
+        state["training_config"], dataclasses.asdict(training_config), type(training_config), OPERATIONAL_KEYS)]
+    if changes:
+        raise ValueError(f"{run_dir} holds a run with a different configuration ({'; '.join(changes)}); resume it "
+                         "with the settings it was started with, choose another --results-dir / --seed, or delete "
+                         "that run")

@@ -38,7 +38,7 @@ from monoflow.data.images import ImageArray, batches_per_epoch, load_image_datas
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
 from monoflow.checkpoint import FolderLock, capture_rng_state, restore_rng_state, save_checkpoint, stop_on_signals
-from monoflow.images.checkpoint import checkpoint_path, load_checkpoint, rng_path
+from monoflow.images.checkpoint import check_same_run, checkpoint_path, load_checkpoint, load_rng_state, rng_path
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
                                          broadcast_module, init_distributed)
 from monoflow.images.ema import ExponentialMovingAverage
@@ -94,6 +94,17 @@ def build_run(preset: ImagePreset, model: Optional[str], model_overrides: Option
         config = replace(config, **model_overrides)
     training = replace(preset.training, **(training_overrides or {}))
     return config, training, config.model_name
+
+
+def _check_training_config(training: Any) -> None:
+    """Refuse settings that would train on something else than asked (or not at all)."""
+    for key in ("batch_size", "accumulation_steps", "checkpoint_every", "log_every"):
+        if int(getattr(training, key)) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(training, key)}")
+    if not training.lr > 0:
+        raise ValueError(f"lr must be positive, got {training.lr}")
+    if training.iterations is not None and training.iterations <= 0:
+        raise ValueError(f"iterations must be a positive number of optimiser steps, got {training.iterations}")
 
 
 def load_ema_model(run_dir: Path, device: torch.device) -> ImageFlow:
@@ -152,13 +163,25 @@ def train_image_flow(
         max_seconds: stop training after this many seconds of this call (a time budget; the
             record says ``stopped_by_time_budget``).
     """
+    if iterations is not None and iterations <= 0:
+        raise ValueError(f"iterations must be a positive number of optimiser steps, got {iterations}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     ctx = init_distributed(device)
     policy = apply_precision_policy(allow_tf32)
     spec = get_image_preset(preset)
     config, training, model_name = build_run(spec, model, model_overrides, training_overrides)
+    _check_training_config(training)
     out = Path(run_dir) if run_dir else run_directory(results_dir, spec.name, model_name, seed)
     # released at the end (early returns: when collected; a killed process: by the system)
-    folder_lock = FolderLock(out) if ctx.is_main else None
+    folder_lock, lock_error = None, None
+    if ctx.is_main:
+        try:
+            folder_lock = FolderLock(out)
+        except OSError as error:  # a read-only folder is enough to reread a finished run
+            if not (out / "run.json").is_file():
+                raise
+            lock_error = error
     barrier(ctx)
 
     if train_data is None:
@@ -202,6 +225,7 @@ def train_image_flow(
         if state["preset"] != spec.name or state["model_name"] != model_name:
             raise ValueError(f"{out} holds a checkpoint of {state['preset']}/{state['model_name']}, "
                              f"not {spec.name}/{model_name}")
+        check_same_run(state, config, training, out)
         if state.get("finished") and state["step"] >= total_steps and (out / "run.json").exists():
             if ctx.is_main:
                 print(f"{out} is complete ({state['step']} steps); delete run.json to evaluate again")
@@ -212,11 +236,13 @@ def train_image_flow(
         ema.load_state_dict(state["ema"])
         step, log, evals = state["step"], state["log"], state["evaluations"]
         elapsed_before = state.get("train_seconds", 0.0)
-        rng_file = rng_path(out, ctx.rank)
-        if rng_file.exists():
-            restore_rng_state(torch.load(rng_file, weights_only=False))
+        rng_state = load_rng_state(out, ctx.rank)
+        if rng_state is not None:
+            restore_rng_state(rng_state)
         if ctx.is_main:
             print(f"resuming {out} at step {step}/{total_steps}")
+    if lock_error is not None:
+        raise lock_error
 
     def save(finished: bool) -> None:
         save_checkpoint(rng_path(out, ctx.rank), capture_rng_state())
