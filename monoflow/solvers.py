@@ -10,7 +10,9 @@ with :math:`n` the number of elements of one sample, so ``atol`` is a per-elemen
 are frozen and no longer evaluated (unless ``freeze_converged=False``). What happens when a sample does not converge within
 ``max_iterations`` is the caller's choice (``on_failure``): ``"warn"`` (default), ``"raise"``
 (:class:`SolverError`) or ``"nan"`` (the unconverged samples are set to NaN). It is never silent:
-:class:`SolverInfo` always reports iterations, residuals and convergence per sample.
+:class:`SolverInfo` always reports iterations, residuals and convergence per sample. A sample
+whose residual or solution norm is infinite or NaN (an overflow, a non-finite input) has not
+converged, whatever the tolerance test says (``inf <= inf`` holds), so the failure policy acts on it.
 
 Example:
     >>> import torch
@@ -127,12 +129,18 @@ class SolverInfo:
         residual: final :math:`\\|f(z_i) - z_i\\|` per sample, shape (batch,).
         converged: whether each sample met its tolerance, shape (batch,).
         evaluations: number of calls of f (each on the samples still active).
+
+    A sample with a non-finite residual is never ``converged`` (enforced here, whoever builds
+    the record).
     """
 
     iterations: Tensor
     residual: Tensor
     converged: Tensor
     evaluations: int
+
+    def __post_init__(self) -> None:
+        self.converged = self.converged & torch.isfinite(self.residual).reshape(self.converged.shape)
 
     @property
     def all_converged(self) -> bool:
@@ -167,7 +175,10 @@ def report_failure(info: "SolverInfo", options: SolverOptions, atol: float, rtol
     message = (
         f"fixed-point solve did not converge for {int((~converged).sum())} of {converged.numel()} samples "
         f"within {options.max_iterations} iterations (max residual {float(info.residual.max()):.3g}, "
-        f"atol {atol:g}, rtol {rtol:g}); is Lip(g) < 1?"
+        f"atol {atol:g}, rtol {rtol:g}); "
+        + ("the residual is not finite (an overflow, or a non-finite input?)"
+           if not bool(torch.isfinite(info.residual).all()) else
+           "is Lip(g) < 1, or are the inputs too large for the dtype (an overflowing norm)?")
     )
     if options.on_failure == "raise":
         raise SolverError(message)
@@ -249,7 +260,10 @@ def fixed_point_solve(
         evaluations += 1
         res = (fx - x).norm(dim=1)
         reference = fx.norm(dim=1) if scale is None else scale[active]
-        done = res <= atol * math.sqrt(n) + rtol * reference
+        # an overflowing norm makes the test vacuous (inf <= inf, or r <= rtol * inf): not converged,
+        # unless the iterate is an exact fixed point
+        done = torch.isfinite(res) & ((res == 0) | (torch.isfinite(reference)
+                                                    & (res <= atol * math.sqrt(n) + rtol * reference)))
         if not options.freeze_converged:
             moving = ~held
             iterations[moving] += 1

@@ -152,3 +152,58 @@ def test_no_weights_only_false_left_in_the_package():
     package = Path(__file__).resolve().parents[1] / "monoflow"
     offenders = [str(p) for p in package.rglob("*.py") if "weights_only=False" in p.read_text()]
     assert offenders == []
+
+
+# 2. Solver honesty --------------------------------------------------------------------------------
+
+
+def test_a_non_finite_residual_is_never_converged():
+    from monoflow.solvers import SolverInfo
+
+    info = SolverInfo(iterations=torch.ones(3, dtype=torch.long), residual=torch.tensor([0.0, float("inf"), float("nan")]),
+                      converged=torch.ones(3, dtype=torch.bool), evaluations=1)
+    assert info.converged.tolist() == [True, False, False]
+    assert info.summary()["converged_fraction"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("policy", ["raise", "nan", "warn"])
+def test_an_overflowing_solve_triggers_the_failure_policy(policy):
+    from monoflow.solvers import SolverError, SolverOptions, SolverWarning, fixed_point_solve
+
+    def f(z, index):  # a contraction whose iterates are too large for float32 norms
+        return 0.5 * z + 3e19
+
+    # the first residual norm overflows to inf (once called converged: inf <= atol + rtol * inf)
+    options = SolverOptions(on_failure=policy, max_iterations=2)
+    z0 = torch.full((2, 4), 1e20)
+    if policy == "raise":
+        with pytest.raises(SolverError, match="did not converge"):
+            fixed_point_solve(f, z0, options)
+    elif policy == "warn":
+        with pytest.warns(SolverWarning):
+            _, info = fixed_point_solve(f, z0, options)
+        assert info.summary()["converged_fraction"] == 0.0
+    else:
+        z, info = fixed_point_solve(f, z0, options)
+        assert not info.converged.any() and torch.isnan(z).all()
+
+
+def test_a_monotone_block_on_huge_inputs_is_not_reported_converged():
+    """At 1e20 the float32 norm of the solution overflows; the solve once stopped after one
+    iteration, residual 1e19, "converged". Now a converged sample meets a finite test (or is an
+    exact fixed point), and an unconverged one triggers the policy."""
+    from monoflow.blocks import MonotoneBlock
+    from monoflow.lipschitz import dense_mlp
+    from monoflow.solvers import SolverError, SolverOptions
+
+    torch.manual_seed(0)
+    g = dense_mlp(2, 2, 8, "cpila", coeff=0.9, lip_coeff=0.98)
+    block = MonotoneBlock(g, logdet=None, solver=SolverOptions(on_failure="raise", max_iterations=1))
+    with pytest.raises(SolverError):
+        block(torch.full((3, 2), 1e20))
+    block.solver = SolverOptions(on_failure="nan", max_iterations=100)
+    y, _ = block(torch.full((3, 2), 1e20))
+    info = block.last_solves["forward"]
+    assert bool(torch.isfinite(info.residual[info.converged]).all())
+    assert not bool((info.converged & (info.residual > 1e10)).any())
+    assert bool(torch.isnan(y[~info.converged]).all())
