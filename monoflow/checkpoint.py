@@ -55,9 +55,11 @@ def _atomic_replace(path: Path, write: Any) -> None:
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a full disk names the file it could not write
         raise
 
 

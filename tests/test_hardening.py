@@ -207,3 +207,173 @@ def test_a_monotone_block_on_huge_inputs_is_not_reported_converged():
     assert bool(torch.isfinite(info.residual[info.converged]).all())
     assert not bool((info.converged & (info.residual > 1e10)).any())
     assert bool(torch.isnan(y[~info.converged]).all())
+
+
+# 5. The command line: one line and a non-zero status for anything a user can cause ----------------
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    for word in words:
+        assert word in error, error
+    return error
+
+
+def test_an_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    assert main(["toy2d", "--dataset", "moons", "-o", str(tmp_path / "taken"), *TINY]) == 1
+    _one_line_error(capsys, "Not a directory", "taken")
+
+
+def test_a_finished_run_is_reread_without_the_lock(finished_toy, monkeypatch, capsys):
+    """Rereading needs no write access (a read-only folder); only training takes the lock."""
+    import monoflow.experiments.train as train_module
+
+    def read_only(*folders):
+        raise PermissionError(13, "Permission denied", str(folders[0]))
+
+    monkeypatch.setattr(train_module, "FolderLock", read_only)
+    assert main(["toy2d", "--dataset", "moons", "-o", str(finished_toy), *TINY]) == 0
+    assert "nll_nats" in capsys.readouterr().out
+    assert main(["evaluate", str(_toy_run_dir(finished_toy)), "--samples", "32"]) == 0
+    # training in such a folder (another seed) is the one case that needs the lock
+    assert main(["toy2d", "--dataset", "moons", "-o", str(finished_toy), "--seed", "1", *TINY]) == 1
+    _one_line_error(capsys, "Permission denied")
+
+
+@pytest.mark.parametrize("content", ["", "{\"status\": \"finis", "[1, 2]"])
+def test_a_corrupt_run_json_is_named(tmp_path, content, capsys):
+    run_dir = _toy_run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(content)
+    assert main(["toy2d", "--dataset", "moons", "-o", str(tmp_path), *TINY]) == 1
+    _one_line_error(capsys, str(run_dir / "run.json"), "delete it")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("argv", [["toy2d", "--dataset", "moons"], ["evaluate", "somewhere"],
+                                  ["images", "train", "--preset", "digits"]])
+def test_cuda_on_a_machine_without_it(argv, capsys):
+    assert main([*argv, "--device", "cuda"]) == 1
+    _one_line_error(capsys, "CUDA is not available", "--device cpu")
+
+
+def test_a_device_that_is_not_one(capsys):
+    assert main(["toy2d", "--dataset", "moons", "--device", "gpu0"]) == 1
+    _one_line_error(capsys, "not a torch device")
+
+
+def test_an_os_error_while_writing_names_the_file(tmp_path, monkeypatch, capsys):
+    import monoflow.checkpoint as checkpoint_module
+
+    def full_disk(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    assert main(["toy2d", "--dataset", "moons", "-o", str(tmp_path), *TINY]) == 1
+    _one_line_error(capsys, "No space left on device", "checkpoint.pt")
+    assert not list(_toy_run_dir(tmp_path).glob(".checkpoint.pt.*"))  # no temporary file left
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError):
+        main(["evaluate", str(tmp_path), "--debug"])
+    monkeypatch.setenv("MONOFLOW_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        main(["evaluate", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["images", "train", "--preset", "digits", "--iterations", "0"], "--iterations must be >= 1"),
+    (["images", "train", "--preset", "digits", "--iterations", "-3"], "--iterations must be >= 1"),
+    (["images", "train", "--preset", "digits", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["toy2d", "--dataset", "moons", "--stop-after", "-1"], "--stop-after must be >= 0"),
+    (["regression1d", "--stop-after", "-2"], "--stop-after must be >= 0"),
+    (["sample", "somewhere", "--n", "0"], "--n must be >= 1"),
+    (["evaluate", "somewhere", "--samples", "0"], "--samples must be >= 1"),
+    (["toy2d", "--dataset", "moons", "--threads", "0"], "--threads must be >= 1"),
+])
+def test_counts_no_run_can_use_are_refused(argv, message, capsys):
+    assert main(argv) == 1
+    _one_line_error(capsys, message)
+
+
+def test_library_refuses_the_same_counts():
+    from monoflow.images import train_image_flow
+
+    with pytest.raises(ValueError, match="iterations must be a positive"):
+        train_image_flow("digits", iterations=0, progress=False)
+    with pytest.raises(ValueError, match="batch_size.* must be >= 1"):
+        train_image_flow("digits", training_overrides={"batch_size": 0}, progress=False, device="cpu")
+
+
+# 4. Image runs resume with their own settings, or refuse --------------------------------------------
+
+TINY_IMAGE_MODEL = dict(image_shape=(1, 4, 4), blocks=(1, 1), growth=8, depth=2, fc_blocks=1, fc_first=8, fc_growth=8,
+                        n_levels=17)
+TINY_IMAGE_TRAINING = dict(batch_size=8, log_every=1, checkpoint_every=100, warmup_iterations=2, eval_batch_size=20,
+                           n_eval_draws=2, n_samples=4, ema_decay=0.9)
+
+
+def _image_run(run_dir: Path, iterations: int, **training):
+    from monoflow.data.images import ImageArray
+    from monoflow.images import train_image_flow
+
+    def synthetic(n, seed):
+        rng = np.random.default_rng(seed)
+        return ImageArray(rng.integers(0, 17, size=(n, 1, 4, 4), dtype=np.uint8), rng.integers(0, 10, size=n), 17,
+                          "synthetic")
+
+    return train_image_flow("digits", run_dir=str(run_dir), iterations=iterations, progress=False, device="cpu",
+                            model_overrides=TINY_IMAGE_MODEL, training_overrides={**TINY_IMAGE_TRAINING, **training},
+                            train_data=synthetic(40, 0), test_data=synthetic(12, 1), final_evaluation=False)
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("images") / "run"
+    _image_run(run_dir, 2)
+    return run_dir
+
+
+@pytest.mark.parametrize("changed, diff", [
+    ({"batch_size": 4}, "batch_size: 8 -> 4"),
+    ({"lr": 0.01}, "lr: 0.001 -> 0.01"),
+    ({"ema_decay": 0.5}, "ema_decay: 0.9 -> 0.5"),
+])
+def test_resuming_an_image_run_with_other_settings_is_refused_with_a_diff(image_run, changed, diff):
+    from monoflow.images.checkpoint import load_checkpoint as load_image_checkpoint
+
+    before = load_image_checkpoint(image_run)["step"]
+    with pytest.raises(ValueError, match="different configuration") as error:
+        _image_run(image_run, 4, **changed)
+    assert diff in str(error.value)
+    assert load_image_checkpoint(image_run)["step"] == before  # nothing trained
+
+
+def test_an_image_run_may_be_extended_and_change_operational_settings(tmp_path):
+    from monoflow.images.checkpoint import load_checkpoint as load_image_checkpoint
+
+    _image_run(tmp_path / "run", 2)
+    _image_run(tmp_path / "run", 3, log_every=2, n_eval_draws=3, eval_every=5)
+    assert load_image_checkpoint(tmp_path / "run")["step"] == 3
+
+
+def test_config_changes_ignores_a_new_field_at_its_default():
+    from dataclasses import asdict
+
+    from monoflow.images.checkpoint import OPERATIONAL_KEYS, config_changes
+    from monoflow.models.image import ImageFlowConfig, ImageTrainingConfig
+
+    current = asdict(ImageFlowConfig())
+    older = {key: value for key, value in current.items() if key != "growth"}  # written before 'growth' existed
+    assert config_changes(older, current, ImageFlowConfig) == []
+    assert config_changes(older, {**current, "growth": current["growth"] + 1}, ImageFlowConfig) == [
+        f"growth: {current['growth']} -> {current['growth'] + 1}"]
+    assert config_changes({**current, "blocks": list(current["blocks"])}, current, ImageFlowConfig) == []
+    assert config_changes({**current, "retired": 3}, current, ImageFlowConfig) == ["retired: 3 -> absent"]
+    training = asdict(ImageTrainingConfig())
+    assert config_changes(training, {**training, "iterations": 10, "eval_every": 7}, ImageTrainingConfig,
+                          OPERATIONAL_KEYS) == []

@@ -220,12 +220,18 @@ def train_image_flow(
     ema = ExponentialMovingAverage(flow, training.ema_decay)
     step, log, evals, elapsed_before = 0, [], [], 0.0
 
-    state = load_checkpoint(out, map_location=ctx.device)
+    try:
+        state = load_checkpoint(out, map_location=ctx.device)
+        if state is not None:
+            if state["preset"] != spec.name or state["model_name"] != model_name:
+                raise ValueError(f"{out} holds a checkpoint of {state['preset']}/{state['model_name']}, "
+                                 f"not {spec.name}/{model_name}")
+            check_same_run(state, config, training, out)
+    except ValueError:
+        if folder_lock is not None:  # released now, not when collected: the caller may retry at once
+            folder_lock.release()
+        raise
     if state is not None:
-        if state["preset"] != spec.name or state["model_name"] != model_name:
-            raise ValueError(f"{out} holds a checkpoint of {state['preset']}/{state['model_name']}, "
-                             f"not {spec.name}/{model_name}")
-        check_same_run(state, config, training, out)
         if state.get("finished") and state["step"] >= total_steps and (out / "run.json").exists():
             if ctx.is_main:
                 print(f"{out} is complete ({state['step']} steps); delete run.json to evaluate again")
