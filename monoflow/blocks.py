@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from monoflow.implicit import solve_resolvent
+from monoflow.lipschitz import lipschitz_upper_bound
 from monoflow.logdet import CAYLEY, RESIDUAL, ExactLogDet, LogDetEstimator, LogDetSeries, make_estimator
 from monoflow.solvers import SolverInfo, SolverOptions
 
@@ -45,10 +46,13 @@ _UNCONSTRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear)
 
 
 def check_lipschitz_constrained(g: nn.Module) -> None:
-    """Raise ``ValueError`` where g is detectably not Lipschitz-constrained.
+    """Certify Lip(g) < 1 at construction, or raise ``ValueError``.
 
-    Detected: plain ``nn.Linear`` / ``nn.Conv*`` layers (no spectral normalisation) and a
-    ``lipschitz_bound()`` of 1 or more. A parameter-free contraction passes.
+    Refused: plain ``nn.Linear`` / ``nn.Conv*`` layers (no spectral normalisation), a certified
+    bound (:func:`~monoflow.lipschitz.lipschitz_upper_bound`) of 1 or more, and a g whose
+    structure gives no bound at all (a parameter-free map must declare its constant as a
+    ``lipschitz_constant`` attribute). A convolution whose input size is not known yet is
+    bounded by its structure (spectral-norm layers, activations of known constant).
     """
     if not isinstance(g, nn.Module):
         raise TypeError(f"g must be a torch.nn.Module, got {type(g).__name__}")
@@ -60,14 +64,20 @@ def check_lipschitz_constrained(g: nn.Module) -> None:
                 "SpectralNormConv2d, dense_mlp, dense_convnet) or pass check_lipschitz=False if you "
                 "guarantee Lip(g) < 1 yourself"
             )
-    bound_fn = getattr(g, "lipschitz_bound", None)
-    if callable(bound_fn):
-        try:
-            bound = float(bound_fn())
-        except RuntimeError:  # e.g. a convolution whose input size is not known yet
-            return
-        if not bound < 1.0:
-            raise ValueError(f"g has Lipschitz bound {bound:.4f} >= 1; the block would not be invertible")
+    try:
+        bound = lipschitz_upper_bound(g)
+    except RuntimeError:  # e.g. a convolution whose input size is not known yet
+        return
+    if bound is None:
+        raise ValueError(
+            f"cannot bound the Lipschitz constant of g ({type(g).__name__}), and the block is invertible only if "
+            "Lip(g) < 1: build g from monoflow.lipschitz (dense_mlp, dense_convnet, spectral-norm layers and "
+            "activations in an nn.Sequential), give it a lipschitz_constant attribute or a lipschitz_bound() "
+            "method returning a rigorous bound below 1, or pass check_lipschitz=False if you guarantee "
+            "Lip(g) < 1 yourself"
+        )
+    if not bound < 1.0:
+        raise ValueError(f"g has Lipschitz bound {bound:.4f} >= 1; the block would not be invertible")
 
 
 def _check_input(x: Tensor, what: str) -> None:

@@ -106,6 +106,7 @@ class _Scaled(nn.Module):
     def __init__(self, a):
         super().__init__()
         self.a = a
+        self.lipschitz_constant = abs(a)  # declared: the blocks refuse a g they cannot bound
 
     def forward(self, w):
         return self.a * w

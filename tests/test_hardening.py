@@ -377,3 +377,78 @@ def test_config_changes_ignores_a_new_field_at_its_default():
     training = asdict(ImageTrainingConfig())
     assert config_changes(training, {**training, "iterations": 10, "eval_every": 7}, ImageTrainingConfig,
                           OPERATIONAL_KEYS) == []
+
+
+# 3. Lipschitz guarantees ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 1.5, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["coeff", "lip_coeff"])
+def test_coeff_and_lip_coeff_must_lie_in_the_open_unit_interval(name, value):
+    from monoflow.lipschitz import dense_mlp
+
+    with pytest.raises(ValueError, match=f"{name} must lie strictly between 0 and 1"):
+        dense_mlp(2, 1, 4, **{name: value})
+
+
+def test_coeff_of_the_wrong_type_is_a_clear_error():
+    from monoflow.lipschitz import SpectralNormLinear
+
+    with pytest.raises(TypeError, match="coeff must be a number"):
+        SpectralNormLinear(2, 2, coeff="0.9")
+
+
+class _Stretch(torch.nn.Module):
+    """g(w) = a sin(w): a parameter-free map with Lipschitz constant |a|."""
+
+    def __init__(self, a, declare):
+        super().__init__()
+        self.a = a
+        if declare:
+            self.lipschitz_constant = abs(a)
+
+    def forward(self, w):
+        return self.a * torch.sin(w)
+
+
+@pytest.mark.parametrize("block", ["MonotoneBlock", "ResidualBlock", "ImplicitBlock"])
+def test_a_g_that_cannot_be_bounded_is_refused(block):
+    """Lip(g) = 3 once passed; both solves 'converged' and the round trip was off by 8."""
+    import monoflow.blocks as blocks
+
+    cls = getattr(blocks, block)
+    build = (lambda g: cls(g, g)) if block == "ImplicitBlock" else cls
+    with pytest.raises(ValueError, match="cannot bound the Lipschitz constant"):
+        build(_Stretch(3.0, declare=False))
+    with pytest.raises(ValueError, match="Lipschitz bound 3.0000 >= 1"):
+        build(_Stretch(3.0, declare=True))
+    with pytest.raises(ValueError, match="cannot bound"):
+        build(torch.nn.Sequential(torch.nn.Tanh()))
+    build(_Stretch(0.5, declare=True))  # a declared contraction is accepted
+
+
+def test_the_certificate_matches_an_independent_bound():
+    from monoflow.lipschitz import SpectralNormLinear, lipschitz_upper_bound
+
+    torch.manual_seed(0)
+    first, second = SpectralNormLinear(3, 5, coeff=0.9), SpectralNormLinear(5, 3, coeff=0.9)
+    chain = torch.nn.Sequential(first, torch.nn.Identity(), second)
+    exact = [torch.linalg.matrix_norm(layer.normalized_weight().detach().double(), 2).item() for layer in (first, second)]
+    assert lipschitz_upper_bound(chain) == pytest.approx(exact[0] * exact[1], rel=1e-6)
+
+
+def test_finished_toy_runs_record_their_certificates(finished_toy):
+    record = json.loads((_toy_run_dir(finished_toy) / "run.json").read_text())
+    certificates = record["lipschitz"]
+    assert [c["name"] for c in certificates["networks"]] == ["blocks.0.g", "blocks.1.g"]
+    assert certificates["all_below_one"] and 0 < certificates["bound_max"] < 1
+    assert certificates["bound_max"] == max(c["bound"] for c in certificates["networks"])
+
+
+def test_finished_regression_runs_record_their_certificates(tmp_path):
+    argv = ["regression1d", "-o", str(tmp_path), "--set", "depth=1", "--set", "growth=8", "--set", "batch_size=32",
+            "--set", "iterations=4", "--set", "test_every=2", "--set", "test_samples=64", "--set", "figure_points=20",
+            "--set", "lr_milestones=2,3", "--threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads(next(tmp_path.rglob("run.json")).read_text())
+    assert len(record["lipschitz"]["networks"]) == 2 and record["lipschitz"]["all_below_one"]

@@ -55,7 +55,7 @@ from monoflow.experiments.results import (
     to_jsonable,
     write_run,
 )
-from monoflow.lipschitz import set_learnable_concat, update_lipschitz
+from monoflow.lipschitz import certificates_record, set_learnable_concat, update_lipschitz
 from monoflow.provenance import provenance
 
 __all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "non_finite_parameters", "run_record", "train",
@@ -459,6 +459,7 @@ def run_record(
                 },
             },
             "solver": state.tests[-1].get("solver") if state.tests else None,
+            "lipschitz": certificates_record(model),
             **extra,
         }
     )
