@@ -91,6 +91,35 @@ def _check_input(x: Tensor, what: str) -> None:
         raise ValueError(f"{what} contains non-finite values (nan or inf)")
 
 
+def _expected_input(g: nn.Module) -> Optional[Tuple[int, int]]:
+    """(number of dimensions, features) of the inputs g's first layer takes, where it says."""
+    for module in g.modules():
+        weight = getattr(module, "weight", None)
+        features = getattr(module, "in_features", getattr(module, "in_channels", None))
+        if isinstance(features, int) and isinstance(weight, Tensor):
+            return weight.dim(), features  # (out, in) for a linear map, (out, in, kh, kw) for a convolution
+    return None
+
+
+def _check_like_weights(x: Tensor, what: str, module: nn.Module, g: Optional[nn.Module] = None) -> None:
+    """``x`` has the dtype of ``module``'s weights and the layout g's first layer takes."""
+    parameter = next(module.parameters(), None)
+    if parameter is not None and x.dtype != parameter.dtype:
+        raise TypeError(f"{what} has dtype {x.dtype} but the block's weights are {parameter.dtype}; convert one "
+                        f"(x.to({parameter.dtype}) or block.to({x.dtype}))")
+    if g is None:
+        return
+    expected = module.__dict__.get("_expected_input_cache", False)
+    if expected is False:  # computed once: the architecture does not change
+        expected = module.__dict__["_expected_input_cache"] = _expected_input(g)
+    if expected is not None:
+        ndim, features = expected
+        if x.dim() != ndim or x.shape[1] != features:
+            layout = ", ".join([str(features)] + ["..."] * (ndim - 2))
+            raise ValueError(f"{what} must have shape (batch, {layout}) ({ndim} dimensions, {features} features "
+                             f"or channels, as g's first layer takes), got {tuple(x.shape)}")
+
+
 class FlowBlock(nn.Module):
     """Base class: ``y, logdet = block(x)`` and ``x, logdet = block.inverse(y)``."""
 
@@ -179,12 +208,14 @@ class MonotoneBlock(_SingleNetworkBlock):
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "MonotoneBlock input")
+        _check_like_weights(x, "MonotoneBlock input", self, self.g)
         cache: dict = {}  # the exact log-det's Jacobian at w, reused by a direct adjoint
         w = self._solve(self.g, SQRT2 * x, 1.0, "forward", cache, self._exact_logdet(with_logdet))
         return SQRT2 * w - x, self._logdet(self.g, w, CAYLEY, with_logdet, cache)
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "MonotoneBlock.inverse input")
+        _check_like_weights(y, "MonotoneBlock.inverse input", self, self.g)
         cache: dict = {}
         w = self._solve(self.g, SQRT2 * y, -1.0, "inverse", cache, self._exact_logdet(with_logdet))
         return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet, cache)
@@ -200,11 +231,13 @@ class ResidualBlock(_SingleNetworkBlock):
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ResidualBlock input")
+        _check_like_weights(x, "ResidualBlock input", self, self.g)
         g_x, logdet = self._value_and_logdet(self.g, x, RESIDUAL, with_logdet)
         return x + g_x, logdet
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ResidualBlock.inverse input")
+        _check_like_weights(y, "ResidualBlock.inverse input", self, self.g)
         cache: dict = {}
         x = self._solve(self.g, y, 1.0, "inverse", cache, self._exact_logdet(with_logdet))
         return x, self._logdet(self.g, x, RESIDUAL.negated(), with_logdet, cache)
@@ -229,6 +262,7 @@ class ImplicitBlock(_ImplicitBase):
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ImplicitBlock input")
+        _check_like_weights(x, "ImplicitBlock input", self, self.g1)
         cache: dict = {}
         g1_x, logdet1 = self._value_and_logdet(self.g1, x, RESIDUAL, with_logdet)
         y = self._solve(self.g2, x + g1_x, 1.0, "forward", cache, self._exact_logdet(with_logdet))
@@ -236,6 +270,7 @@ class ImplicitBlock(_ImplicitBase):
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ImplicitBlock.inverse input")
+        _check_like_weights(y, "ImplicitBlock.inverse input", self, self.g1)
         cache: dict = {}
         g2_y, logdet2 = self._value_and_logdet(self.g2, y, RESIDUAL, with_logdet)
         x = self._solve(self.g1, y + g2_y, 1.0, "inverse", cache, self._exact_logdet(with_logdet))
@@ -249,6 +284,11 @@ class ActNorm(FlowBlock):
     per channel (with ``torch.distributed`` initialised, the statistics are averaged over all
     ranks, so every rank starts from the same values). :math:`\log|\det| = \sum_c s_c` times the
     number of positions per channel.
+
+    The first batch must be a non-empty floating-point tensor of finite values (anything else
+    would set NaN or arbitrary scales, for good); a refused batch leaves the layer uninitialised.
+    A channel without spread in the first batch (a batch of one, a constant feature) is only
+    centred: its scale starts at 1 instead of :math:`1/\sqrt{\text{eps}}`.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-6):
@@ -269,8 +309,23 @@ class ActNorm(FlowBlock):
             )
         return (1, self.num_features) + (1,) * (x.dim() - 2)
 
+    def _check(self, x: Tensor, what: str) -> Tuple[int, ...]:
+        if not torch.is_tensor(x):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+        shape = self._shape(x)
+        _check_like_weights(x, what, self)
+        return shape
+
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
+        if x.shape[0] == 0:
+            raise ValueError("ActNorm's data-dependent initialisation needs a non-empty first batch, got shape "
+                             f"{tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("ActNorm's data-dependent initialisation got a first batch with non-finite values "
+                             "(nan or inf); it stays uninitialised")
         dims = [0] + list(range(2, x.dim()))
         count = torch.tensor(float(x.numel() // self.num_features), dtype=x.dtype, device=x.device)
         moments = torch.stack([x.sum(dim=dims), (x * x).sum(dim=dims)])
@@ -280,7 +335,8 @@ class ActNorm(FlowBlock):
         mean = moments[0] / count
         var = (moments[1] / count - mean * mean).clamp_min(0.0)
         self.bias.copy_(-mean)
-        self.log_scale.copy_(-0.5 * torch.log(var + self.eps))
+        # no spread (one sample, a constant channel): centre only, rather than scale by 1/sqrt(eps)
+        self.log_scale.copy_(torch.where(var > self.eps, -0.5 * torch.log(var + self.eps), torch.zeros_like(var)))
         self.initialized.fill_(True)
 
     def _logdet(self, x: Tensor) -> Tensor:
@@ -288,14 +344,14 @@ class ActNorm(FlowBlock):
         return (self.log_scale.sum() * positions).expand(x.shape[0])
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-        shape = self._shape(x)
+        shape = self._check(x, "ActNorm input")
         if not bool(self.initialized):
             self._initialize(x)
         y = (x + self.bias.view(shape)) * self.log_scale.view(shape).exp()
         return y, self._logdet(x) if with_logdet else None
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-        shape = self._shape(y)
+        shape = self._check(y, "ActNorm.inverse input")
         if not bool(self.initialized):
             raise RuntimeError("ActNorm.inverse called before initialisation: run a forward pass on data first")
         x = y * (-self.log_scale.view(shape)).exp() - self.bias.view(shape)

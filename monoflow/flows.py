@@ -60,6 +60,12 @@ class Flow(nn.Module):
     def _check(self, x: Tensor, what: str) -> None:
         if not torch.is_tensor(x):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        parameter = next(self.parameters(), None)
+        if not x.is_floating_point():
+            raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+        if parameter is not None and x.dtype != parameter.dtype:
+            raise TypeError(f"{what} has dtype {x.dtype} but the flow's weights are {parameter.dtype}; convert one "
+                            f"(x.to({parameter.dtype}) or flow.to({x.dtype}))")
         if self.event_shape is not None and tuple(x.shape[1:]) != self.event_shape:
             raise ValueError(
                 f"{what} must have shape (batch, {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"

@@ -452,3 +452,73 @@ def test_finished_regression_runs_record_their_certificates(tmp_path):
     assert main(argv) == 0
     record = json.loads(next(tmp_path.rglob("run.json")).read_text())
     assert len(record["lipschitz"]["networks"]) == 2 and record["lipschitz"]["all_below_one"]
+
+
+# 6. Layers that cannot be poisoned ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch, error, message", [
+    (torch.tensor([[float("nan"), 1.0], [0.0, 2.0]]), ValueError, "non-finite"),
+    (torch.tensor([[float("inf"), 1.0], [0.0, 2.0]]), ValueError, "non-finite"),
+    (torch.zeros(0, 2), ValueError, "non-empty"),
+    (torch.tensor([[1, 2], [3, 4]]), TypeError, "floating-point"),
+])
+def test_actnorm_refuses_a_poisoned_first_batch_and_stays_uninitialised(batch, error, message):
+    from monoflow.blocks import ActNorm
+
+    layer = ActNorm(2)
+    with pytest.raises(error, match=message):
+        layer(batch)
+    assert not bool(layer.initialized)
+    assert torch.equal(layer.log_scale.detach(), torch.zeros(2))
+    good = torch.tensor([[0.0, 1.0], [2.0, 5.0], [4.0, 3.0]])
+    y, _ = layer(good)  # the next good batch initialises it
+    torch.testing.assert_close(y.mean(0), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+
+
+def test_actnorm_on_a_batch_of_one_only_centres():
+    from monoflow.blocks import ActNorm
+
+    layer = ActNorm(3)
+    x = torch.tensor([[2.0, -1.0, 0.5]])
+    y, logdet = layer(x)
+    assert torch.equal(y, torch.zeros(1, 3)) and torch.equal(logdet, torch.zeros(1))
+    assert torch.equal(layer.log_scale.detach(), torch.zeros(3))  # once: log 1000 = 6.9 per channel
+    # with spread in one channel only, that one is normalised and the constant one centred
+    layer = ActNorm(2)
+    y, _ = layer(torch.tensor([[1.0, 7.0], [3.0, 7.0]]))
+    assert y[:, 0].tolist() == pytest.approx([-1.0, 1.0], abs=1e-5) and y[:, 1].tolist() == [0.0, 0.0]
+
+
+def _blocks_and_flow():
+    from monoflow.blocks import ActNorm, ImplicitBlock, MonotoneBlock, ResidualBlock
+    from monoflow.flows import Flow
+    from monoflow.lipschitz import dense_mlp
+
+    torch.manual_seed(0)
+    g = lambda: dense_mlp(2, 1, 4, coeff=0.9)  # noqa: E731
+    blocks = {"monotone": MonotoneBlock(g()), "residual": ResidualBlock(g()), "implicit": ImplicitBlock(g(), g()),
+              "actnorm": ActNorm(2)}
+    blocks["flow"] = Flow([ActNorm(2), MonotoneBlock(g())], event_shape=(2,))
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["monotone", "residual", "implicit", "actnorm", "flow"])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(4, 3), ValueError, "shape"),
+    (torch.randn(4, 2, 1), ValueError, "shape"),
+    (torch.randn(4, 2, dtype=torch.float64), TypeError, "dtype torch.float64"),
+    (torch.ones(4, 2, dtype=torch.long), TypeError, "floating-point"),
+])
+def test_blocks_and_flows_refuse_the_wrong_layout_or_dtype(name, direction, x, error, message):
+    if name == "actnorm" and x.dim() == 3:
+        pytest.skip("ActNorm normalises dim 1 of any (batch, channels, ...) layout")
+    module = _blocks_and_flow()[name]
+    with torch.no_grad():
+        module(torch.randn(8, 2))  # ActNorm initialised on good data first
+        call = module if direction == "forward" else module.inverse
+        with pytest.raises(error, match=message):
+            call(x)
+        call(torch.randn(4, 2))  # and the right input still works
