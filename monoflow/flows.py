@@ -2,15 +2,22 @@ r"""A normalizing flow: a sequence of blocks and a standard normal base.
 
 .. math:: \log p(x) = \log \mathcal{N}(z; 0, I) + \sum_i \log|\det \partial f_i/\partial x_{i-1}|,
           \qquad z = f_n \circ \dots \circ f_1(x).
+
+Besides the block interface, a :class:`Flow` has the face of a
+:class:`torch.distributions.Distribution`: ``log_prob``, ``sample``, ``rsample`` and
+``sample_and_log_prob`` over a ``sample_shape``, and :meth:`Flow.distribution` returns a real
+``TransformedDistribution`` (see :mod:`monoflow.distributions`).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Tuple
+import operator
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from monoflow.distributions import BlockTransform
 from monoflow.lipschitz import reuse_parameter_transforms
 
 __all__ = ["StandardNormal", "Flow"]
@@ -28,6 +35,29 @@ class StandardNormal(nn.Module):
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+def _sample_shape(sample_shape: ShapeLike) -> torch.Size:
+    """``sample_shape`` as a ``torch.Size``; an int n means (n,), as ``Flow.sample(n)`` always did."""
+    entries = sample_shape if isinstance(sample_shape, (tuple, list, torch.Size)) else (sample_shape,)
+    sizes = []
+    for entry in entries:
+        try:
+            if isinstance(entry, bool):
+                raise TypeError
+            size = operator.index(entry)  # ints, numpy ints, integer 0-d tensors; not 2.0
+        except TypeError:
+            raise TypeError(
+                f"sample_shape must be an int or a sequence of ints such as (4,) or torch.Size([2, 3]), "
+                f"got {sample_shape!r}"
+            ) from None
+        if size < 0:
+            raise ValueError(f"sample sizes must be >= 0, got {sample_shape!r}")
+        sizes.append(size)
+    return torch.Size(sizes)
+
+
 def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
     if total is None or term is None:
         return None
@@ -35,17 +65,23 @@ def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class Flow(nn.Module):
-    """Blocks applied in order, with the shared block interface.
+    """Blocks applied in order, with the shared block interface and a distribution's face.
 
-    ``z, logdet = flow(x)``, ``x, logdet = flow.inverse(z)``, ``flow.log_prob(x)`` of shape
-    (batch,) and ``flow.sample(n)``. ``event_shape`` (the shape of one sample) is checked on input
-    and needed by :meth:`sample`.
+    ``z, logdet = flow(x)`` and ``x, logdet = flow.inverse(z)`` take (batch, *event_shape).
+    As for a :class:`torch.distributions.Distribution`, ``flow.log_prob(x)`` takes
+    (*sample_shape, *event_shape) and returns sample_shape; ``flow.sample(sample_shape)``,
+    ``flow.rsample(sample_shape)`` (differentiable through the inverse solves) and
+    ``flow.sample_and_log_prob(sample_shape)`` draw x; an int n means (n,). ``event_shape`` (the
+    shape of one sample) is checked on input and needed by the samplers.
 
     Example:
         >>> from monoflow.blocks import ActNorm
         >>> flow = Flow([ActNorm(2)], event_shape=(2,))
         >>> flow.log_prob(torch.randn(4, 2)).shape
         torch.Size([4])
+        >>> x, log_prob = flow.sample_and_log_prob((3, 5))
+        >>> x.shape, log_prob.shape, flow.sample(4).shape
+        (torch.Size([3, 5, 2]), torch.Size([3, 5]), torch.Size([4, 2]))
     """
 
     def __init__(self, blocks: Iterable[nn.Module], event_shape: Optional[Sequence[int]] = None,
@@ -91,23 +127,80 @@ class Flow(nn.Module):
                 total = _add(total, logdet)
         return z, total
 
+    @property
+    def batch_shape(self) -> torch.Size:
+        """One distribution, no batch of them (``torch.distributions`` naming)."""
+        return torch.Size()
+
     def log_prob(self, x: Tensor) -> Tensor:
-        """:math:`\\log p(x)` of shape (batch,)."""
+        """:math:`\\log p(x)` of shape x.shape[:-len(event_shape)] (without event_shape: (batch,))."""
+        leading = None
+        if self.event_shape is not None and torch.is_tensor(x):
+            k = len(self.event_shape)
+            if x.dim() >= k and tuple(x.shape[x.dim() - k:]) == self.event_shape:
+                leading = x.shape[:x.dim() - k]
+                x = x.reshape((-1,) + self.event_shape)
         z, logdet = self(x)
         if logdet is None:
             raise RuntimeError("this flow computes no log-determinant (built with logdet=None)")
-        return self.base.log_prob(z) + logdet
+        log_prob = self.base.log_prob(z) + logdet
+        return log_prob if leading is None else log_prob.reshape(leading)
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """n samples :math:`x = f^{-1}(z)`, :math:`z \\sim \\mathcal{N}(0, I)` (no gradients)."""
-        if self.event_shape is None:
-            raise RuntimeError("Flow.sample needs event_shape; pass it to the constructor")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+    def _device_and_dtype(self) -> dict:
         parameter = next(self.parameters(), None)
-        device = parameter.device if parameter is not None else None
-        dtype = parameter.dtype if parameter is not None else None
-        z = self.base.sample((n,) + self.event_shape, generator=generator, device=device, dtype=dtype)
+        return {"device": None, "dtype": None} if parameter is None else {"device": parameter.device,
+                                                                           "dtype": parameter.dtype}
+
+    def _draw_base(self, sample_shape: ShapeLike, generator: Optional[torch.Generator]
+                   ) -> Tuple[Tensor, torch.Size]:
+        """z of shape (prod(sample_shape), *event_shape) on the parameters' device and dtype."""
+        shape = _sample_shape(sample_shape)
+        if self.event_shape is None:
+            raise RuntimeError("sampling a Flow needs event_shape; pass it to the constructor")
+        z = self.base.sample((shape.numel(),) + self.event_shape, generator=generator, **self._device_and_dtype())
+        return z, shape
+
+    def rsample(self, sample_shape: ShapeLike = torch.Size(), generator: Optional[torch.Generator] = None) -> Tensor:
+        """Reparameterised samples :math:`x = f^{-1}(z)`, :math:`z \\sim \\mathcal{N}(0, I)`, of shape
+        (*sample_shape, *event_shape); gradients reach the parameters through the inverse solves
+        (implicit differentiation, :mod:`monoflow.implicit`)."""
+        z, shape = self._draw_base(sample_shape, generator)
+        if z.shape[0] == 0:  # nothing to invert
+            return z.reshape(shape + self.event_shape)
+        x, _ = self.inverse(z, with_logdet=False)
+        return x.reshape(shape + self.event_shape)
+
+    def sample(self, sample_shape: ShapeLike = torch.Size(), generator: Optional[torch.Generator] = None) -> Tensor:
+        """:meth:`rsample` without gradients; ``flow.sample(n)`` gives (n, *event_shape)."""
         with torch.no_grad():
-            x, _ = self.inverse(z, with_logdet=False)
-        return x
+            return self.rsample(sample_shape, generator)
+
+    def rsample_and_log_prob(self, sample_shape: ShapeLike = torch.Size(),
+                             generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        r"""Reparameterised samples and their log-density from one inverse pass:
+        :math:`x = f^{-1}(z)` and :math:`\log p(x) = \log\mathcal{N}(z; 0, I) - \log|\det \partial x/\partial z|`,
+        shapes (*sample_shape, *event_shape) and sample_shape."""
+        z, shape = self._draw_base(sample_shape, generator)
+        if z.shape[0] == 0:
+            return z.reshape(shape + self.event_shape), z.new_zeros(shape)
+        x, logdet = self.inverse(z)
+        if logdet is None:
+            raise RuntimeError("this flow computes no log-determinant (built with logdet=None)")
+        return x.reshape(shape + self.event_shape), (self.base.log_prob(z) - logdet).reshape(shape)
+
+    def sample_and_log_prob(self, sample_shape: ShapeLike = torch.Size(),
+                            generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """:meth:`rsample_and_log_prob` without gradients (cheaper than ``sample`` then ``log_prob``,
+        which solves again)."""
+        with torch.no_grad():
+            return self.rsample_and_log_prob(sample_shape, generator)
+
+    def distribution(self) -> torch.distributions.TransformedDistribution:
+        """This flow as a :class:`torch.distributions.TransformedDistribution`: the standard normal
+        base on the parameters' device and dtype, pushed through ``BlockTransform(flow).inv``."""
+        if self.event_shape is None:
+            raise RuntimeError("Flow.distribution needs event_shape; pass it to the constructor")
+        loc = torch.zeros(self.event_shape, **self._device_and_dtype())
+        base = torch.distributions.Independent(torch.distributions.Normal(loc, torch.ones_like(loc)),
+                                               len(self.event_shape))
+        return torch.distributions.TransformedDistribution(base, BlockTransform(self, len(self.event_shape)).inv)
