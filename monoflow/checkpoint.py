@@ -30,6 +30,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "FolderBusyError",
     "atomic_write_bytes",
     "atomic_write_text",
     "save_checkpoint",
@@ -228,6 +229,10 @@ def stop_on_signals() -> Iterator[StopRequest]:
 LOCK_NAME = ".training.lock"
 
 
+class FolderBusyError(RuntimeError):
+    """Another process is training in a run folder (raised by :class:`FolderLock`)."""
+
+
 class FolderLock:
     """An exclusive lock on run folders for as long as one process trains in them, so that a second
     process started on the same run (the same command twice) stops with an error that says so,
@@ -253,7 +258,7 @@ class FolderLock:
                     handle.seek(0)
                     holder = handle.read().strip() or "another process"
                     handle.close()
-                    raise RuntimeError(
+                    raise FolderBusyError(
                         f"{folder} is in use: {holder} is training this run. Wait for it to finish, or stop it "
                         "(SIGTERM or Ctrl-C saves its checkpoint) and rerun the command to resume") from None
                 handle.seek(0)
