@@ -154,7 +154,7 @@ def test_failing_cell_raises_notebook_error_naming_notebook(tmp_path):
 @pytest.mark.slow
 def test_build_book_fails_with_the_failing_notebooks_error(tmp_path):
     log: List[str] = []
-    with pytest.raises(NotebookError, match=r"01_theory\.ipynb failed .*L must lie in \(0, 1\)"):
+    with pytest.raises(NotebookError, match=r"01_theory\.ipynb failed .*L must lie strictly between 0\.0 and 1\.0"):
         build_book(tmp_path, parameters={"L": 1.5}, progress=False, log=log.append)  # the first notebook fails
     assert any("running notebooks/01_theory.ipynb" in line for line in log)
     assert not (tmp_path / "html").exists()

@@ -522,3 +522,104 @@ def test_blocks_and_flows_refuse_the_wrong_layout_or_dtype(name, direction, x, e
         with pytest.raises(error, match=message):
             call(x)
         call(torch.randn(4, 2))  # and the right input still works
+
+
+# 7. Notebook and book parameters --------------------------------------------------------------------
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_NAMES = ["01_theory", "02_expressivity_1d", "03_toy_densities_2d", "04_images", "05_speed"]
+
+
+def _parameters_cell(name: str):
+    """(source of the 'parameters' cell, source of the first code cell after it)."""
+    cells = json.loads((NOTEBOOKS_DIR / f"{name}.ipynb").read_text())["cells"]
+    code = [cell for cell in cells if cell["cell_type"] == "code"]
+    index = next(i for i, cell in enumerate(code) if "parameters" in cell.get("metadata", {}).get("tags", []))
+    return "".join(code[index]["source"]), "".join(code[index + 1]["source"])
+
+
+def _defaults(name: str) -> dict:
+    namespace: dict = {}
+    exec(_parameters_cell(name)[0], namespace)  # the notebook's own defaults (plain assignments)
+    namespace.pop("__builtins__")
+    return namespace
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_declared_parameters_are_the_notebooks_own(name):
+    from monoflow.notebook_parameters import declared_names
+
+    assert sorted(declared_names(name)) == sorted(_defaults(name))
+
+
+@pytest.mark.parametrize("name", ["01_theory", "02_expressivity_1d", "03_toy_densities_2d", "05_speed"])
+def test_each_notebook_checks_its_parameters_first(name):
+    first = _parameters_cell(name)[1]
+    assert f'check_parameters("{name}", globals())' in first
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_the_notebooks_defaults_pass(name):
+    from monoflow.notebook_parameters import check_parameters
+
+    check_parameters(name, _defaults(name))  # reads the committed results where it reads any
+
+
+def _injected(name: str, **values) -> dict:
+    """The namespace after papermill injected ``values`` (its cell is in IPython's history ``In``)."""
+    injected = "# Parameters\n" + "".join(f"{key} = {value!r}\n" for key, value in values.items())
+    namespace = {**_defaults(name), **values}
+    namespace["In"] = ["", _parameters_cell(name)[0], injected]
+    return namespace
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("01_theory", {"n_pair": 10}, "unknown parameter 'n_pair' (did you mean 'n_pairs'?)"),
+    ("01_theory", {"n_pairs": "many"}, "n_pairs must be an integer"),
+    ("01_theory", {"L": 1.5}, "L must lie strictly between 0.0 and 1.0"),
+    ("01_theory", {"seed": 1.5}, "seed must be an integer"),
+    ("03_toy_densities_2d", {"datasets": "moons"}, "datasets must be a list of names"),
+    ("03_toy_densities_2d", {"datasets": ["moon"]}, "unknown entries ['moon']; valid: ['swissroll'"),
+    ("03_toy_densities_2d", {"preset": "huge"}, "preset='huge' is not one of ['paper', 'quick']"),
+    ("03_toy_densities_2d", {"overrides": {"batchsize": 10}}, "unknown settings ['batchsize']"),
+    ("02_expressivity_1d", {"models": ["monotone"]}, "unknown entries ['monotone']"),
+    ("02_expressivity_1d", {"rerun": "yes"}, "rerun must be True or False"),
+    ("04_images", {"train_preset": "cifar"}, "train_preset='cifar' is not one of"),
+    ("04_images", {"iterations": 0}, "iterations must be >= 1"),
+    ("05_speed", {"benchmarks_dir": 3}, "benchmarks_dir must be a folder path"),
+])
+def test_bad_notebook_parameters_are_clear_errors(name, values, message):
+    from monoflow.notebook_parameters import check_parameters
+
+    with pytest.raises(ValueError) as error:
+        check_parameters(name, _injected(name, **values))
+    assert message in str(error.value) and "Valid parameters:" in str(error.value)
+
+
+@pytest.mark.parametrize("name, values", [
+    ("02_expressivity_1d", {"preset": "paper", "models": ["residual"]}),
+    ("03_toy_densities_2d", {"datasets": ["moons"]}),
+    ("04_images", {}),
+])
+def test_a_selection_without_finished_runs_stops_the_notebook(tmp_path, name, values):
+    from monoflow.notebook_parameters import check_parameters
+
+    with pytest.raises(ValueError, match="no finished .* in"):
+        check_parameters(name, _injected(name, results_dir=str(tmp_path), **values))
+    check_parameters(name, _injected(name, rerun=True, results_dir=str(tmp_path), **values))  # a rerun trains them
+
+
+def test_a_misspelled_parameter_stops_a_real_notebook_run(tmp_path):
+    """End to end through papermill: the first cell after the parameters names the typo."""
+    from monoflow.book import NotebookError, execute_notebook
+
+    with pytest.raises(NotebookError, match="unknown parameter 'n_pair'"):
+        execute_notebook(NOTEBOOKS_DIR / "01_theory.ipynb", tmp_path / "01.ipynb", {"n_pair": 10},
+                         cwd=NOTEBOOKS_DIR, progress=False)
+
+
+def test_book_refuses_a_parameter_no_notebook_declares(capsys):
+    assert main(["book", "-p", "n_pair=5", "--notebook", "01_theory", "--no-progress"]) == 1
+    _one_line_error(capsys, "-p n_pair", "did you mean 'n_pairs'?")
+    assert main(["book", "-p", "datasets=[moons]", "--notebook", "01_theory", "--no-progress"]) == 1
+    _one_line_error(capsys, "no notebook to run (01_theory) declares a parameter 'datasets'")

@@ -22,10 +22,27 @@ def _parse_parameter(text: str) -> List[Any]:
     return [name.strip(), parsed]
 
 
+def _check_declared(overrides: Dict[str, Any], notebooks: List[str]) -> None:
+    """Refuse a ``-p NAME`` that none of the notebooks to run declares (papermill would drop it)."""
+    import difflib
+
+    from monoflow.notebook_parameters import declared_names
+
+    declared = {name: declared_names(name) for name in notebooks}
+    known = sorted({parameter for names in declared.values() for parameter in names})
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"-p {name}: no notebook to run ({', '.join(notebooks)}) declares a parameter {name!r}"
+                             f"{hint}; declared: {', '.join(known)}")
+
+
 def _run(args: argparse.Namespace) -> int:
-    from monoflow.book import build_book
+    from monoflow.book import NOTEBOOKS, build_book
 
     overrides: Dict[str, Any] = dict(args.parameter or [])
+    _check_declared(overrides, args.notebook or [spec.name for spec in NOTEBOOKS])
     html = build_book(
         args.output,
         quick=args.quick,

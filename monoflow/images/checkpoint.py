@@ -55,7 +55,7 @@ def load_rng_state(run_dir: Path, rank: int) -> Optional[Dict[str, Any]]:
 #: Settings a resumed run may change: how often it logs, evaluates and saves, how it evaluates,
 #: and how long it trains (``iterations`` / ``epochs``: extending a run).
 OPERATIONAL_KEYS = frozenset({"eval_every", "checkpoint_every", "log_every", "n_eval_draws", "eval_batch_size",
-                              "n_samples", "iterations", "epochs"})
+                              "n_samples", "eval_curve_images", "iterations", "epochs"})
 
 
 def _plain(value: Any) -> Any:
