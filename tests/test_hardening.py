@@ -214,7 +214,7 @@ def test_a_monotone_block_on_huge_inputs_is_not_reported_converged():
 
 def _one_line_error(capsys, *words: str) -> str:
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "Traceback" not in error, error
+    assert "Traceback" not in error and len([line for line in error.splitlines() if "error:" in line]) == 1, error
     for word in words:
         assert word in error, error
     return error
@@ -623,3 +623,37 @@ def test_book_refuses_a_parameter_no_notebook_declares(capsys):
     _one_line_error(capsys, "-p n_pair", "did you mean 'n_pairs'?")
     assert main(["book", "-p", "datasets=[moons]", "--notebook", "01_theory", "--no-progress"]) == 1
     _one_line_error(capsys, "no notebook to run (01_theory) declares a parameter 'datasets'")
+
+
+def test_a_finished_image_run_is_reread_without_the_lock_and_a_corrupt_record_is_named(image_run, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    import monoflow.images.training as training
+
+    copy = tmp_path / "run"
+    shutil.copytree(image_run, copy)
+    _image_run(copy, 2)  # finishes the fixture's run if another test extended nothing
+
+    def read_only(*folders):
+        raise PermissionError(13, "Permission denied", str(folders[0]))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "FolderLock", read_only)
+        assert _image_run(copy, 2)["iterations"] == 2  # reread, no lock needed
+        with pytest.raises(PermissionError):
+            _image_run(copy, 3)  # extending it trains, which needs the lock
+    (copy / "run.json").write_text("{\"kind\": \"ima")
+    with pytest.raises(ValueError, match=f"{copy / 'run.json'} is not a valid run record"):
+        _image_run(copy, 2)
+
+
+def test_a_damaged_image_checkpoint_is_named_by_the_image_cli(tmp_path, capsys):
+    from monoflow.images.results import run_directory
+
+    run_dir = run_directory(tmp_path, "digits", "monotone", 0)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"\x00" * 64)
+    for action in (["evaluate"], ["sample", "--out", str(tmp_path / "s.png")]):
+        assert main(["images", *action, "--preset", "digits", "--results-dir", str(tmp_path), "--device", "cpu"]) == 1
+        _one_line_error(capsys, str(run_dir / "checkpoint.pt"), "delete")

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 from monoflow.checkpoint import load_checkpoint as _load_file
 
 __all__ = ["checkpoint_path", "rng_path", "load_checkpoint", "load_rng_state", "REQUIRED_KEYS",
-           "OPERATIONAL_KEYS", "config_changes", "check_same_run"]
+           "OPERATIONAL_KEYS", "config_changes", "check_same_run", "read_record"]
 
 #: Keys every image checkpoint has; a file without them is not one.
 REQUIRED_KEYS = ("preset", "model_name", "model_config", "training_config", "model", "ema", "optimizer",
@@ -103,3 +103,15 @@ def check_same_run(state: Dict[str, Any], model_config: Any, training_config: An
         raise ValueError(f"{run_dir} holds a run with a different configuration ({'; '.join(changes)}); resume it "
                          "with the settings it was started with, choose another --results-dir / --seed, or delete "
                          "that run")
+
+
+def read_record(path: Path) -> Dict[str, Any]:
+    """The ``run.json`` at ``path``; ``ValueError`` naming the file if it is not a JSON object."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid run record ({error}); delete it and rerun the command to "
+                         "evaluate the finished checkpoint again") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a run record (a JSON {type(record).__name__}); delete it and rerun")
+    return record

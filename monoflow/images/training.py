@@ -38,7 +38,8 @@ from monoflow.data.images import ImageArray, batches_per_epoch, load_image_datas
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
 from monoflow.checkpoint import FolderLock, capture_rng_state, restore_rng_state, save_checkpoint, stop_on_signals
-from monoflow.images.checkpoint import check_same_run, checkpoint_path, load_checkpoint, load_rng_state, rng_path
+from monoflow.images.checkpoint import (check_same_run, checkpoint_path, load_checkpoint, load_rng_state, read_record,
+                                       rng_path)
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
                                          broadcast_module, init_distributed)
 from monoflow.images.ema import ExponentialMovingAverage
@@ -235,7 +236,7 @@ def train_image_flow(
         if state.get("finished") and state["step"] >= total_steps and (out / "run.json").exists():
             if ctx.is_main:
                 print(f"{out} is complete ({state['step']} steps); delete run.json to evaluate again")
-            return json.loads((out / "run.json").read_text())
+            return read_record(out / "run.json")
         flow.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
