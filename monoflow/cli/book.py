@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List
 
+from monoflow.cli.options import Deprecated
+
 __all__ = ["register"]
 
 
@@ -42,6 +44,8 @@ def _run(args: argparse.Namespace) -> int:
     from monoflow.book import NOTEBOOKS, build_book
 
     overrides: Dict[str, Any] = dict(args.parameter or [])
+    if args.device is not None:
+        overrides["device"] = args.device
     _check_declared(overrides, args.notebook or [spec.name for spec in NOTEBOOKS])
     html = build_book(
         args.output,
@@ -79,12 +83,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--notebook", action="append", choices=names, default=None,
                         help="execute only this notebook (repeatable); the others must have been "
                         "executed before into the same build folder")
-    parser.add_argument("--results-dir", type=Path, default=None,
-                        help="results folder the notebooks read (default: the committed results/)")
-    parser.add_argument("--parameter", "-p", action="append", type=_parse_parameter,
+    parser.add_argument("--results", dest="results_dir", type=Path, default=None, metavar="ROOT",
+                        help="results root the notebooks read (default: the committed results/)")
+    parser.add_argument("--results-dir", dest="results_dir", type=Path, action=Deprecated,
+                        replacement="--results ROOT")
+    parser.add_argument("--set", dest="parameter", action="append", type=_parse_parameter,
                         metavar="NAME=VALUE",
                         help="papermill parameter for every notebook that declares it, e.g. "
-                        "-p device=cuda -p rerun=true (repeatable)")
+                        "--set rerun=true --set iterations=500 (repeatable)")
+    parser.add_argument("--parameter", "-p", dest="parameter", type=_parse_parameter, action=Deprecated,
+                        append=True, replacement="--set NAME=VALUE")
+    parser.add_argument("--device", default=None,
+                        help="torch device of the notebooks that train or time models, e.g. cuda "
+                        "(the same as --set device=DEVICE)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: python3)")
     parser.add_argument("--no-progress", action="store_true", help="hide per-cell progress bars")
     parser.set_defaults(handler=_run)

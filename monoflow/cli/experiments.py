@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
+from monoflow.cli.options import Deprecated
+
 __all__ = ["register"]
 
 
@@ -215,6 +217,7 @@ def _figure4(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from monoflow.experiments.evaluate import evaluate_checkpoint
 
+    _set_threads(args)
     result = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed, device=args.device)
     print(json.dumps(result, indent=1))
     return 0
@@ -226,8 +229,9 @@ def _sample(args: argparse.Namespace) -> int:
     from monoflow.experiments.evaluate import sample_checkpoint
     from monoflow.experiments.figures import save_samples_figure
 
+    _set_threads(args)
     samples = sample_checkpoint(args.checkpoint, args.n, seed=args.seed, device=args.device)
-    prefix = Path(args.output)
+    prefix = Path(args.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     npy, png = prefix.with_suffix(".npy"), prefix.with_suffix(".png")
     np.save(npy, samples)
@@ -309,17 +313,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="number of fresh test points (default: the run's test_samples)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh test data (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(handler=_evaluate)
 
     parser = subparsers.add_parser(
         "sample", help="draw samples of a 2-D checkpoint (.npy and .png)",
         description="Rebuild a 2-D model from its checkpoint and draw samples x = F^-1(z), z ~ N(0, I); "
-        "writes OUTPUT.npy (shape (n, 2)) and OUTPUT.png (histogram).",
+        "writes PREFIX.npy (shape (n, 2)) and PREFIX.png (histogram).",
     )
     parser.add_argument("checkpoint", type=Path, help="a toy2d run folder or its checkpoint.pt")
     parser.add_argument("--n", type=int, default=10000, help="number of samples (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base samples (default: 0)")
-    parser.add_argument("--output", "-o", type=Path, default=Path("samples"),
-                        help="output path without suffix (default: samples -> samples.npy, samples.png)")
+    parser.add_argument("--out", type=Path, default=Path("samples"), metavar="PREFIX",
+                        help="files to write, without suffix (default: samples -> samples.npy, samples.png)")
+    parser.add_argument("--output", "-o", dest="out", type=Path, action=Deprecated, replacement="--out PREFIX")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(handler=_sample)
