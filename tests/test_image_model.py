@@ -57,7 +57,7 @@ def test_preset_lookup_errors():
     with pytest.raises(ValueError, match="divisible"):
         image_flow("digits", blocks=(1, 1, 1, 1, 1))
     assert image_flow("digits", model="idensenet").config.block == "residual"
-    assert set(MODEL_VARIANTS) == {"monotone", "idensenet", "residual-cpila", "monotone-clipswish"}
+    assert set(MODEL_VARIANTS) == {"monotone", "idensenet", "residual-cpila", "monotone-clipswish", "resflow"}
 
 
 TINY = dict(image_shape=(1, 4, 4), blocks=(1, 1), growth=8, depth=2, fc_blocks=1, fc_first=8, fc_growth=8,
@@ -70,6 +70,7 @@ TINY = dict(image_shape=(1, 4, 4), blocks=(1, 1), growth=8, depth=2, fc_blocks=1
     dict(squeeze_first=True, blocks=(1,)),
     dict(block="residual", activation="clipswish"),
     dict(fc_end=False, actnorm=False),
+    dict(block="residual", activation="lipswish", resflow_hidden=6),  # Residual Flow's chain g
 ])
 def test_flow_logdet_and_inverse(variant):
     """The summed log-det of the whole multi-scale flow equals slogdet of its autograd Jacobian."""

@@ -8,6 +8,10 @@ Examples::
     torchrun --nproc_per_node=4 -m monoflow images train --preset cifar10 --data-root ~/data
     monoflow images evaluate --preset digits --model monotone --draws 5
     monoflow images sample --preset digits --model monotone --n 64
+
+One GPU instead of the paper's four: keep the global batch and accumulate, e.g.
+``--accumulation-steps 4 --set batch_size=16``; ``--set`` changes any field of the preset's
+model or training configuration (``--set blocks=4,4,4 --set growth=64 --set lr=5e-4``).
 """
 from __future__ import annotations
 
@@ -23,11 +27,57 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="monotone | idensenet | residual-cpila | monotone-clipswish (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", default="results/images", help="runs go to <dir>/<preset>/<model>/seed<k>")
+    p.add_argument("--output", "-o", type=Path, default=Path("results"),
+                   help="results root (default: results); runs go to OUTPUT/images/<preset>/<model>/seed<k>")
+    p.add_argument("--results-dir", default=None, help=argparse.SUPPRESS)  # deprecated: the images folder itself
     p.add_argument("--data-root", default=None, help="folder with the data set (not needed for digits)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images only")
+
+
+def _images_dir(args: argparse.Namespace) -> Path:
+    """Where the runs go: OUTPUT/images, or the deprecated ``--results-dir`` as given."""
+    if args.results_dir is not None:
+        import sys
+
+        print("monoflow images: --results-dir DIR is deprecated; use -o/--output ROOT (runs go to ROOT/images)",
+              file=sys.stderr)
+        return Path(args.results_dir)
+    return Path(args.output) / "images"
+
+
+def parse_image_overrides(assignments) -> tuple:
+    """``--set KEY=VALUE`` strings -> (model overrides, training overrides), by the field's owner.
+
+    Values are Python literals (``blocks=4,4,4``, ``lr=5e-4``, ``fc_end=False``); anything else is
+    a string. An unknown key is an error that lists the valid ones.
+    """
+    import ast
+
+    from monoflow.models.image import ImageFlowConfig, ImageTrainingConfig
+
+    model_fields, training_fields = ImageFlowConfig.__dataclass_fields__, ImageTrainingConfig.__dataclass_fields__
+    model, training = {}, {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        if isinstance(value, list):
+            value = tuple(value)
+        if key in model_fields:
+            model[key] = value
+        elif key in training_fields:
+            training[key] = value
+        else:
+            raise ValueError(f"--set {key}: no such field; model fields: {', '.join(sorted(model_fields))}; "
+                             f"training fields: {', '.join(sorted(training_fields))}")
+    return model, training
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -41,22 +91,20 @@ def _train(args: argparse.Namespace) -> int:
     from monoflow.images.training import train_image_flow
 
     _threads(args)
-    overrides = {}
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    if args.lr:
-        overrides["lr"] = args.lr
-    if args.draws:
-        overrides["n_eval_draws"] = args.draws
-    if args.eval_every is not None:
-        overrides["eval_every"] = args.eval_every
+    model_overrides, overrides = parse_image_overrides(args.overrides)
+    for option, field in (("batch_size", "batch_size"), ("lr", "lr"), ("draws", "n_eval_draws"),
+                          ("eval_every", "eval_every"), ("accumulation_steps", "accumulation_steps"),
+                          ("epochs", "epochs"), ("concat_start", "start_learnable_concat_epoch")):
+        if getattr(args, option) is not None:
+            overrides[field] = getattr(args, option)
     from monoflow.images.distributed import close_distributed
 
     try:
         result = train_image_flow(
-            args.preset, model=args.model, data_root=args.data_root, results_dir=args.results_dir, seed=args.seed,
+            args.preset, model=args.model, data_root=args.data_root, results_dir=str(_images_dir(args)), seed=args.seed,
             iterations=args.iterations, device=args.device, allow_tf32=args.allow_tf32,
             progress=not args.no_progress, training_overrides=overrides, eval_limit=args.eval_limit,
+            model_overrides=model_overrides or None,
         )
     finally:
         close_distributed()
@@ -75,7 +123,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
     preset = get_image_preset(args.preset)
     config = preset.model if args.model is None else preset.model.with_model(args.model)
-    return run_directory(args.results_dir, preset.name, config.model_name, args.seed)
+    return run_directory(_images_dir(args), preset.name, config.model_name, args.seed)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -149,7 +197,16 @@ def register(subparsers) -> None:
 
     train = sub.add_parser("train", help="train (or resume) a preset; writes run.json, samples.png, checkpoints")
     _add_run_arguments(train)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="change one field of the preset's model or training config (repeatable), "
+                       "e.g. --set blocks=4,4,4 --set growth=64 --set warmup_iterations=250")
     train.add_argument("--iterations", type=int, default=None, help="optimiser steps (default: the preset's epochs)")
+    train.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's; --iterations wins)")
+    train.add_argument("--accumulation-steps", type=int, default=None,
+                       help="micro-batches per optimiser step: one GPU reaches the paper's global batch "
+                       "with --accumulation-steps 4 --set batch_size=16 (the batch is per micro-batch)")
+    train.add_argument("--concat-start", type=int, default=None, metavar="EPOCH",
+                       help="epoch from which the learnable concatenation trains (default: the preset's)")
     train.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the preset's)")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--draws", type=int, default=None, help="estimator draws of the final evaluation")

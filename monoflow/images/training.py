@@ -340,7 +340,8 @@ def train_image_flow(
                         shown = ("train_surrogate_bpd", "train_cross_entropy", "grad_norm")
                         bar.set_postfix({k_: round(v, 4) for k_, v in entry.items() if k_ in shown})
                 if training.eval_every and step % training.eval_every == 0 and step < total_steps:
-                    evals.append({"step": step, **_evaluate(flow, ema, test_data, ctx, training, density, seed, eval_limit)})
+                    evals.append({"step": step, **_evaluate_curve_point(flow, ema, test_data, ctx, training, density,
+                                                                       seed, eval_limit)})
                 if step % training.checkpoint_every == 0 or stop.requested:
                     save(finished=False)
                 if stop.requested:
@@ -379,6 +380,16 @@ def train_image_flow(
         folder_lock.release()
     barrier(ctx)
     return record
+
+
+def _evaluate_curve_point(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageArray,
+                          ctx: DistributedContext, training, density: bool, seed: int, limit: int) -> Dict[str, Any]:
+    """An evaluation during training: as at the end, or one draw on the first
+    ``eval_curve_images`` test images when the training config sets it (a cheaper learning curve)."""
+    if training.eval_curve_images > 0:
+        limit = min(limit, training.eval_curve_images) if limit > 0 else training.eval_curve_images
+        training = replace(training, n_eval_draws=1)
+    return _evaluate(flow, ema, test_data, ctx, training, density, seed, limit)
 
 
 def _evaluate(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageArray, ctx: DistributedContext,

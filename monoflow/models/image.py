@@ -40,7 +40,10 @@ from torch import Tensor, nn
 from monoflow.activations import make_activation
 from monoflow.blocks import ActNorm, MonotoneBlock, ResidualBlock
 from monoflow.flows import StandardNormal
-from monoflow.lipschitz import DenseNet, LipschitzDenseLayer, SpectralNormLinear, dense_convnet, reuse_parameter_transforms
+from monoflow.activations import LipSwish
+from monoflow.lipschitz import (DenseNet, LipschitzChain, LipschitzDenseLayer, SpectralNormConv2d, SpectralNormLinear,
+                                dense_convnet, reuse_parameter_transforms)
+from monoflow.models.toy import lipswish_mlp
 from monoflow.logdet import LogDetEstimator, RussianRouletteLogDet, make_estimator
 from monoflow.solvers import SolverOptions
 from monoflow.transforms import (
@@ -63,15 +66,22 @@ __all__ = [
     "get_image_preset",
     "count_parameters",
     "ImageExactLogDet",
+    "CPU_TABLE2_MODELS",
+    "CPU_ABLATION_MODELS",
 ]
 
-#: model name -> (block, activation): the paper's two models and the two mixed ablation rows
+#: model name -> (block, activation): the paper's two models, the two mixed ablation rows and
+#: Residual Flow (residual blocks whose g is a plain LipSwish conv net, not a dense net)
 MODEL_VARIANTS: Dict[str, Tuple[str, str]] = {
     "monotone": ("monotone", "cpila"),
     "idensenet": ("residual", "clipswish"),
     "residual-cpila": ("residual", "cpila"),
     "monotone-clipswish": ("monotone", "clipswish"),
+    "resflow": ("residual", "lipswish"),
 }
+
+#: the g of each activation: LipSwish (Residual Flow) uses a plain chain, the others a dense net
+_CHAIN_ACTIVATIONS = ("lipswish",)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -98,6 +108,9 @@ class ImageFlowConfig:
     fc_blocks: int = 4
     fc_first: int = 64
     fc_growth: int = 32
+    # Residual Flow's g (activation "lipswish"): 3x3 conv -> LipSwish -> 1x1 conv -> LipSwish ->
+    # 3x3 conv with this many hidden channels; FC g: Linear layers with two hidden layers of fc_first
+    resflow_hidden: int = 512
     preprocessing: str = "logit"  # "logit" | "normalize"
     logit_alpha: float = 0.05
     dequantization: str = "uniform"  # "uniform" | "variational"
@@ -177,6 +190,7 @@ class ImageTrainingConfig:
     eval_batch_size: int = 200
     eval_every: int = 5000  # iterations; 0 = only at the end
     n_eval_draws: int = 3  # repeated passes over the test set with fresh estimator draws
+    eval_curve_images: int = 0  # evaluations during training: one draw on this many test images (0: as at the end)
     checkpoint_every: int = 500  # iterations
     log_every: int = 20
     n_samples: int = 64
@@ -266,6 +280,29 @@ def _estimator(config: ImageFlowConfig) -> Optional[LogDetEstimator]:
     return make_estimator(config.logdet)
 
 
+def _lipswish_convnet(channels: int, config: ImageFlowConfig) -> LipschitzChain:
+    """Residual Flow's conv g: 3x3 conv to ``resflow_hidden`` channels, LipSwish, 1x1 conv,
+    LipSwish, 3x3 conv back; Lip <= product of the layers' bounds."""
+    h, c = config.resflow_hidden, config.coeff
+    return LipschitzChain(SpectralNormConv2d(channels, h, 3, coeff=c), LipSwish(),
+                          SpectralNormConv2d(h, h, 1, coeff=c), LipSwish(), SpectralNormConv2d(h, channels, 3, coeff=c))
+
+
+def _conv_g(channels: int, config: ImageFlowConfig) -> nn.Module:
+    """The g of a convolutional block: a dense net (CPila / CLipSwish) or Residual Flow's chain."""
+    if config.activation.lower() in _CHAIN_ACTIVATIONS:
+        return _lipswish_convnet(channels, config)
+    return dense_convnet(channels, config.depth, config.growth, config.activation, coeff=config.coeff,
+                         lip_coeff=config.lip_coeff, kernel_size=3, final_kernel_size=1)
+
+
+def _fc_g(dim: int, config: ImageFlowConfig) -> nn.Module:
+    """The g of a fully connected end block (dense net, or Residual Flow's LipSwish MLP)."""
+    if config.activation.lower() in _CHAIN_ACTIVATIONS:
+        return lipswish_mlp(dim, [config.fc_first, config.fc_first], coeff=config.coeff)
+    return _fc_densenet(dim, config)
+
+
 def _fc_densenet(dim: int, config: ImageFlowConfig) -> DenseNet:
     """FC g: Linear(dim -> fc_first), ``depth`` dense layers of growth ``fc_growth``, Linear back."""
     layers: List[nn.Module] = [SpectralNormLinear(dim, config.fc_first, coeff=config.coeff)]
@@ -324,10 +361,7 @@ class ImageFlow(nn.Module):
             if i == 0 and config.first_actnorm and config.actnorm:
                 layers.append(ActNorm(c))
             for _ in range(n_blocks):
-                layers.append(self._block(dense_convnet(
-                    c, config.depth, config.growth, config.activation, coeff=config.coeff,
-                    lip_coeff=config.lip_coeff, kernel_size=3, final_kernel_size=1,
-                )))
+                layers.append(self._block(_conv_g(c, config)))
                 if config.actnorm:
                     layers.append(ActNorm(c))
             if i < n_scales - 1:
@@ -342,7 +376,7 @@ class ImageFlow(nn.Module):
             else:
                 if config.fc_end:
                     for _ in range(config.fc_blocks):
-                        layers.append(Flatten(self._block(_fc_densenet(c * h * w, config))))
+                        layers.append(Flatten(self._block(_fc_g(c * h * w, config))))
                         if config.actnorm:
                             layers.append(Flatten(ActNorm(c * h * w)))
                 head_channels.append(c)
@@ -500,9 +534,12 @@ def _make_presets() -> Dict[str, ImagePreset]:
     p["mnist"] = ImagePreset(
         "mnist", "mnist",
         replace(cifar, image_shape=(1, 28, 28), logit_alpha=1e-6, memory_efficient=False),
-        replace(_DENSITY, accumulation_steps=4),
+        replace(_DENSITY, accumulation_steps=4, warmup_iterations=250),
         "Monotone Flow on MNIST (16-16-16, FC end, batch 64 x 4 accumulation, no memory-efficient mode)",
         paper_bpd=0.928, paper_params=20_872_826,
+        notes="Warm-up: the release counts its 1000 warm-up iterations in micro-batches, so with 4 "
+              "accumulation steps the learning rate is warm after 250 optimiser steps; ours counts "
+              "optimiser steps, hence warmup_iterations=250.",
     )
     p["cifar10"] = ImagePreset(
         "cifar10", "cifar10", cifar, cifar_train,
@@ -510,17 +547,22 @@ def _make_presets() -> Dict[str, ImagePreset]:
         paper_bpd=3.215, paper_params=24_894_430,
     )
     in32 = replace(cifar, blocks=(32, 32, 32))
-    in_train = replace(_DENSITY, lr=0.004, batch_size=256)
+    in_train = replace(_DENSITY, lr=0.004, batch_size=256, start_learnable_concat_epoch=0)
+    imagenet_notes = ("The learnable concatenation trains from epoch 0 (the release's ImageNet setting). "
+                      "Data: the npz batches of downsampled ImageNet (Chrabaszcz et al. 2017); the paper, "
+                      "like Glow and Residual Flows, used the earlier 'downsampled ImageNet' of van den "
+                      "Oord et al. 2016 (PNG archives), whose images were resized differently, so bpd "
+                      "differs between the two variants (monoflow.data.images reads the npz variant).")
     p["imagenet32"] = ImagePreset(
         "imagenet32", "imagenet32", in32, in_train,
         "Monotone Flow on ImageNet 32x32 (32-32-32, FC end, lr 0.004, batch 256; 8 GPUs in the paper)",
-        paper_bpd=3.961, paper_params=46_980_574,
+        paper_bpd=3.961, paper_params=46_980_574, notes=imagenet_notes,
     )
     p["imagenet64"] = ImagePreset(
         "imagenet64", "imagenet64",
         replace(in32, image_shape=(3, 64, 64), squeeze_first=True, factor_out=True), in_train,
         "Monotone Flow on ImageNet 64x64 (squeeze first, 32-32-32 with factor-out, FC end, lr 0.004, batch 256)",
-        paper_bpd=3.734, paper_params=48_907_888,
+        paper_bpd=3.734, paper_params=48_907_888, notes=imagenet_notes,
     )
     ablation = [
         ("idensenet", 3.25, 24_894_586, "#1 CLipSwish + residual blocks (i-DenseNet)"),
@@ -541,10 +583,15 @@ def _make_presets() -> Dict[str, ImagePreset]:
         paper_bpd=3.062, paper_params=46_891_648,
     )
     p["imagenet32-vardeq"] = ImagePreset(
-        "imagenet32-vardeq", "imagenet32", replace(in32, dequantization="variational"), in_train,
-        "Monotone Flow + variational dequantisation on ImageNet 32x32",
+        "imagenet32-vardeq", "imagenet32", replace(in32, dequantization="variational"),
+        replace(in_train, lr=0.002, batch_size=128, start_learnable_concat_epoch=2),
+        "Monotone Flow + variational dequantisation on ImageNet 32x32 (lr 0.002, batch 128, concatenation from epoch 2)",
         paper_bpd=3.901, paper_params=None,
-        notes="The paper reports 69.0M parameters; this build has 68,977,792 (46,980,574 + 3 x 7,332,406).",
+        notes="Training settings follow the release's README for this row (lr 0.002, batch 128, "
+              "concatenation from epoch 2). That README also drops the FC end, but then the model has "
+              "66,169,512 parameters, not the 69.0M the paper prints; with the FC end it has "
+              "68,977,792 (46,980,574 + 3 x 7,332,406), so we keep the FC end and follow the paper's "
+              "architecture (--set fc_end=False gives the README's). " + imagenet_notes,
     )
     sizes = {"tiny": (1, 1, 1), "small": (4, 4, 4), "large": (16, 16, 16)}
     for size, blocks in sizes.items():
@@ -570,7 +617,55 @@ def _make_presets() -> Dict[str, ImagePreset]:
         "CPU-sized run: scikit-learn's 8x8 digits (17 levels), 2-2 blocks, growth 32, 2 FC blocks, 15 epochs",
         scale="reduced: digits 8x8 CPU",
     )
+    p.update(_cpu_presets())
     return p
+
+
+#: models trained by the CPU-scale Table 2 (Monotone Flow, i-DenseNet, Residual Flow) and the
+#: two mixed rows of the ablation (#2 CPila + residual, #3 CLipSwish + monotone)
+CPU_TABLE2_MODELS = ("monotone", "idensenet", "resflow")
+CPU_ABLATION_MODELS = ("idensenet", "residual-cpila", "monotone-clipswish", "monotone")
+
+
+def _cpu_presets() -> Dict[str, ImagePreset]:
+    """Table 2 at the scale of a 2-core CPU: real offline data, every model at one parameter budget.
+
+    The architecture is the paper's (dense-net g of depth 3, CPila / CLipSwish, coeff 0.98,
+    Poisson roulette with 10 exact terms in training and 20 in evaluation, Neumann gradient,
+    ActNorm, FC end) made small: growth 32 instead of 172, 2 blocks per scale instead of 16,
+    2 FC blocks instead of 4. MNIST-sized images are squeezed first (28x28x1 -> 14x14x4), so the
+    convolutions never run at full resolution. Residual Flow's hidden width is chosen to give the
+    same parameter count as the dense-net models (within 0.1%). Runs are a fixed number of steps
+    with an EMA of time constant 100 steps; the test bpd is evaluated along the way (one draw on
+    ``eval_curve_images`` test images) and at the end (3 draws, the whole test set).
+    """
+    training = ImageTrainingConfig(
+        batch_size=64, lr=1e-3, warmup_iterations=50, ema_decay=0.99, epochs=1, eval_every=50,
+        start_learnable_concat_epoch=0, checkpoint_every=25, log_every=5, eval_batch_size=250,
+        n_eval_draws=3, eval_curve_images=250,
+    )
+    mnist5k = ImageFlowConfig(
+        image_shape=(1, 28, 28), blocks=(2, 2), squeeze_first=True, growth=32, depth=3, fc_blocks=2,
+        logit_alpha=1e-6, resflow_hidden=165,
+    )
+    digits = ImageFlowConfig(image_shape=(1, 8, 8), n_levels=17, blocks=(2, 2), growth=32, depth=3,
+                             fc_blocks=2, resflow_hidden=115)
+    scale_note = ("Reduced scale: compare models with each other, not with the paper's MNIST number "
+                  "(other data, far smaller model, 500 steps instead of 1000 epochs).")
+    return {
+        "mnist5k-cpu": ImagePreset(
+            "mnist5k-cpu", "mnist5k", mnist5k, replace(training, iterations=500),
+            "CPU-scale Table 2 row on 5,000 real MNIST digits (28x28, 256 levels; 4,000 train / 1,000 "
+            "test): squeeze first, 2-2 blocks, growth 32, 2 FC blocks, batch 64, 500 steps",
+            scale="reduced: mnist5k 28x28 CPU", notes=scale_note,
+        ),
+        "digits-cpu": ImagePreset(
+            "digits-cpu", "digits", digits, replace(training, iterations=600, eval_every=60, eval_curve_images=0),
+            "CPU-scale Table 2 row on scikit-learn's 8x8 digits (17 levels; 1,500 train / 297 test): "
+            "2-2 blocks, growth 32, 2 FC blocks, batch 64, 600 steps",
+            scale="reduced: digits 8x8 CPU", notes="No paper number: 8x8 images with 17 levels.",
+        ),
+    }
 
 
 _PRESETS = _make_presets()

