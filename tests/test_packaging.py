@@ -89,3 +89,23 @@ def test_package_imports_without_scikit_learn_and_names_the_extra():
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
     assert 'pip install "monoflow[digits]"' in completed.stdout
+
+
+def _workflow(name):
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
+
+
+def test_pages_workflow_pins_the_ci_torch_and_never_cancels_a_deployment():
+    workflow = _workflow("book.yml")
+    ci_pin = re.search(r"torch==([0-9.]+)", (ROOT / ".ci" / "run").read_text()).group(1)
+    assert workflow["env"]["TORCH_VERSION"] == ci_pin
+    build, deploy = workflow["jobs"]["build"], workflow["jobs"]["deploy"]
+    assert deploy["concurrency"] == {"group": "pages", "cancel-in-progress": False}
+    assert "pages" not in str(build.get("concurrency", {}).get("group"))  # PR builds never queue deploys
+    steps = {step.get("name", step.get("uses")): step for step in build["steps"]}
+    build_command = steps["Build the book"]["run"]
+    upload = steps["Upload the HTML"]["with"]["path"]
+    # monoflow book writes the HTML to OUTPUT/html
+    assert build_command.startswith("monoflow book ") and upload == build_command.split("--output ")[1] + "/html"
+    assert set(deploy["permissions"]) == {"pages", "id-token"} and build["permissions"] == {"contents": "read"}
