@@ -294,6 +294,10 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     (["sample", "somewhere", "--n", "0"], "--n must be >= 1"),
     (["evaluate", "somewhere", "--samples", "0"], "--samples must be >= 1"),
     (["toy2d", "--dataset", "moons", "--threads", "0"], "--threads must be >= 1"),
+    (["toy2d", "--dataset", "moons", "--seed", "-1"], "--seed must be >= 0"),
+    (["images", "train", "--preset", "digits", "--epochs", "0"], "--epochs must be >= 1"),
+    (["images", "train", "--preset", "digits", "--lr", "-0.1"], "--lr must be a positive number"),
+    (["images", "sample", "--preset", "digits", "--temperature", "nan"], "--temperature must be a positive number"),
 ])
 def test_counts_no_run_can_use_are_refused(argv, message, capsys):
     assert main(argv) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import pkgutil
 import sys
@@ -65,8 +66,11 @@ def check_device(device: Optional[str]) -> None:
 
 
 #: Integer options of any subcommand and the least value that makes sense (``None``: not given).
-_LEAST_VALUES = {"iterations": 1, "batch_size": 1, "stop_after": 0, "threads": 1, "n": 1, "samples": 1,
-                 "draws": 1, "eval_every": 0, "eval_limit": 0}
+_LEAST_VALUES = {"iterations": 1, "epochs": 1, "batch_size": 1, "accumulation_steps": 1, "stop_after": 0,
+                 "threads": 1, "n": 1, "samples": 1, "draws": 1, "eval_every": 0, "eval_limit": 0,
+                 "concat_start": 0, "seed": 0, "eval_seed": 0, "sample_seed": 0}
+#: Real-valued options that must be positive and finite.
+_POSITIVE_NUMBERS = ("lr", "temperature")
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -77,6 +81,10 @@ def check_counts(args: argparse.Namespace) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value < least:
             option = "--" + key.replace("_", "-")
             raise ValueError(f"{option} must be >= {least}, got {value}")
+    for key in _POSITIVE_NUMBERS:
+        value = getattr(args, key, None)
+        if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{key} must be a positive number, got {value}")
 
 
 def _describe(error: BaseException) -> str:
