@@ -109,3 +109,36 @@ def test_pages_workflow_pins_the_ci_torch_and_never_cancels_a_deployment():
     # monoflow book writes the HTML to OUTPUT/html
     assert build_command.startswith("monoflow book ") and upload == build_command.split("--output ")[1] + "/html"
     assert set(deploy["permissions"]) == {"pages", "id-token"} and build["permissions"] == {"contents": "read"}
+
+
+#: conda-forge names of the distributions whose conda package is named otherwise
+CONDA_NAME = {"torch": "pytorch"}
+
+
+def _conda_environment(name):
+    yaml = pytest.importorskip("yaml")
+    environment = yaml.safe_load((ROOT / name).read_text())
+    packages = {}
+    for entry in environment["dependencies"]:
+        if isinstance(entry, str):
+            package, _, spec = re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", entry).group(1, 0, 2)
+            packages[package.lower()] = spec
+    return environment, packages
+
+
+@pytest.mark.parametrize("name,torch_package", [("environment.yml", "pytorch-cpu"),
+                                                ("environment-gpu.yml", "pytorch-gpu")])
+def test_conda_environments_come_from_conda_forge_and_match_the_package(name, torch_package):
+    environment, packages = _conda_environment(name)
+    assert environment["channels"] == ["conda-forge", "nodefaults"]
+    # the package's torch floor, through conda-forge's metapackage for the CPU or CUDA build
+    torch_floor = next(d for d in PROJECT["dependencies"] if d.startswith("torch"))[len("torch"):]
+    assert packages[torch_package] == torch_floor
+    assert "pytorch-cuda" not in packages and "cpuonly" not in packages
+    # every dependency of the package and of its digits, images, test and book extras
+    wanted = _names(PROJECT["dependencies"])
+    for extra in ("digits", "images", "test", "book"):
+        wanted |= _names(PROJECT["optional-dependencies"][extra])
+    conda_names = {CONDA_NAME.get(name, name) for name in wanted} - {"pytorch"}
+    assert conda_names <= set(packages), conda_names - set(packages)
+    assert {"-e ."} <= {line.split("#")[0].strip() for line in environment["dependencies"][-1]["pip"]}
