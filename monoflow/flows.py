@@ -24,7 +24,14 @@ __all__ = ["StandardNormal", "Flow"]
 
 
 class StandardNormal(nn.Module):
-    """The base distribution :math:`\\mathcal{N}(0, I)` over events of a given shape."""
+    """The base distribution :math:`\\mathcal{N}(0, I)` over events of a given shape.
+
+    Written here rather than taken from ``torch.distributions.Normal`` because it holds no tensors:
+    it follows the device and dtype of whatever it is given (a ``Normal`` keeps its ``loc`` and
+    ``scale`` where they were made and does not move with ``flow.to(...)``), and it draws with a
+    ``torch.Generator``, which ``Distribution.sample`` does not take. :meth:`Flow.distribution`
+    gives the ``torch.distributions`` form.
+    """
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Log-density summed over all but the batch dimension, shape (batch,)."""
