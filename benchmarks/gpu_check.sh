@@ -1,44 +1,22 @@
 #!/usr/bin/env bash
-# GPU check of the image flows (fits in 10 minutes on one GPU):
-#   training throughput (images/s) and peak memory of the CIFAR-10 paper preset (24.9M parameters),
-#   Monotone Flow against i-DenseNet, up to 300 training steps each
-#   (capped at 150 s of training each) and an evaluation (unbiased bpd, 20 exact terms) on 500
-#   images; writes JSON.
+# What a Table 2 row costs on one GPU, in under 10 minutes (monoflow.images.gpu_check):
+#   1. CIFAR-10 training throughput (images/s) and peak memory, Monotone Flow against i-DenseNet,
+#      with a bounded evaluation (unbiased bpd, 20 exact terms, 200 images);
+#   2. one training step of every paper preset (MNIST, CIFAR-10, ImageNet32, ImageNet64, CIFAR-10
+#      with variational dequantisation) at the paper's per-GPU batch: time, peak memory, whether it
+#      fits 80 GB, and what an epoch and the paper's whole budget take on this GPU;
+#   3. the FLOPs of one CIFAR-10 step by phase (solve, log-det, backward) in evaluations of g per
+#      block, against the GPU's measured matrix-multiply throughput.
+# The JSON is rewritten after every measurement, so a timeout keeps what finished. Data: seeded
+# random images of each preset's shape (cost does not depend on pixel values; bpd is meaningless).
 #
-# usage: benchmarks/gpu_check.sh [--cpu-smoke] [--data-root DIR] [--out FILE]
-#   --cpu-smoke   shrink everything (1-1-1 blocks, growth 16, batch 8, 3 steps, 16 eval images, CPU)
-#                 to check the script end to end on a laptop in a minute or two
-#   --data-root   folder with cifar-10-batches-py (default: seeded random images; same cost, bpd meaningless)
+# usage: benchmarks/gpu_check.sh [--cpu-smoke] [--out FILE] [--deadline SECONDS]
+#   --cpu-smoke   shrink every model (1 block per scale, growth 8) and run on the CPU: checks the
+#                 whole script end to end in a few minutes
 #   --out         JSON path (default results/images/benchmarks/gpu_check.json, or gpu_check_cpu_smoke.json)
+#   --deadline    seconds for the whole check (default 570)
+#   --presets     measure only these paper presets (default: mnist cifar10 imagenet32 imagenet64 cifar10-vardeq)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-smoke=0
-data_args=()
-out=""
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --cpu-smoke) smoke=1; shift ;;
-    --data-root) data_args=(--data-root "$2"); shift 2 ;;
-    --out) out="$2"; shift 2 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-done
-
-if [[ $smoke -eq 1 ]]; then
-  out="${out:-results/images/benchmarks/gpu_check_cpu_smoke.json}"
-  args=(--device cpu --steps 3 --batch-size 8 --eval-images 16 --eval-draws 2 --threads 2
-        --override "blocks=(1,1,1)" --override "growth=16" --override "fc_blocks=1")
-else
-  out="${out:-results/images/benchmarks/gpu_check.json}"
-  # two models x (<= 150 s training + model setup + evaluation of 500 images x 2 draws) < 10 min
-  args=(--device cuda --steps 300 --time-budget 150 --eval-images 500 --eval-draws 2)
-  python - <<'PY'
-import torch, sys
-if not torch.cuda.is_available():
-    sys.exit("gpu_check.sh: no CUDA device; use --cpu-smoke for the CPU check")
-print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
-PY
-fi
-
-python -m monoflow.images.benchmark --preset cifar10 --models monotone idensenet "${args[@]}" ${data_args[@]+"${data_args[@]}"} --out "$out"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+exec "$PYTHON" -m monoflow.images.gpu_check "$@"

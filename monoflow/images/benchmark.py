@@ -30,7 +30,7 @@ import numpy as np
 
 from monoflow.provenance import provenance
 
-__all__ = ["measure_training", "compare_models", "main"]
+__all__ = ["measure_training", "compare_models", "step_cost", "matmul_flops_per_second", "main"]
 
 
 def _synthetic(shape, n_levels: int, n: int, seed: int):
@@ -41,28 +41,30 @@ def _synthetic(shape, n_levels: int, n: int, seed: int):
                       rng.integers(0, 10, size=n), n_levels, "synthetic")
 
 
-def measure_training(preset: str, model: str, *, steps: int, batch_size: Optional[int] = None,
+def measure_training(preset: str, model: Optional[str], *, steps: int, batch_size: Optional[int] = None,
                      device: Optional[str] = None, data_root: Optional[str] = None,
                      model_overrides: Optional[dict] = None, eval_images: int = 200, eval_draws: int = 2,
                      time_budget: Optional[float] = None, warmup_steps: int = 3, threads: Optional[int] = None,
                      seed: int = 0) -> Dict[str, Any]:
-    """Train ``steps`` steps of ``preset`` with ``model`` in this process and report the costs."""
+    """Train ``steps`` steps of ``preset`` with ``model`` (None: the preset's) in this process and
+    report the costs. Seconds per step are medians over the steps after ``warmup_steps`` and count
+    every micro-batch of gradient accumulation; ``eval_images=0`` skips the evaluation."""
     import torch
 
-    from monoflow.data.images import load_image_dataset
+    from monoflow.data.images import BUNDLED_DATASETS, load_image_dataset
     from monoflow.images.training import train_image_flow
     from monoflow.models.image import get_image_preset
 
     if threads:
         torch.set_num_threads(threads)
     spec = get_image_preset(preset)
-    config = spec.model.with_model(model)
+    config = spec.model if model is None else spec.model.with_model(model)
     if model_overrides:
         from dataclasses import replace
 
         config = replace(config, **model_overrides)
     batch = batch_size or spec.training.batch_size
-    if data_root or spec.dataset == "digits":
+    if data_root or spec.dataset in BUNDLED_DATASETS:
         train = load_image_dataset(spec.dataset, data_root, train=True)
         test = load_image_dataset(spec.dataset, data_root, train=False)
         data = spec.dataset
@@ -80,18 +82,22 @@ def measure_training(preset: str, model: str, *, steps: int, batch_size: Optiona
             training_overrides=dict(batch_size=batch, log_every=1, checkpoint_every=10**9, eval_every=0,
                                     n_eval_draws=eval_draws, n_samples=0, eval_batch_size=min(200, max(eval_images, 1))),
             train_data=train, test_data=test, eval_limit=eval_images, max_seconds=time_budget,
+            final_evaluation=eval_images > 0,
         )
     log = record["train_log"]
     timed = log[warmup_steps:] if len(log) > warmup_steps else log
     ips = [e["images_per_s"] for e in timed]
     metrics = record.get("metrics", {})
+    accumulation = record["training_config"]["accumulation_steps"]
     return {
-        "preset": preset, "model": model, "data": data, "device": record["provenance"]["device"],
+        "preset": preset, "model": config.model_name, "data": data, "device": record["provenance"]["device"],
         "gpu": record["provenance"].get("gpu"), "params": record["params"], "batch_size": batch,
         "steps": record["iterations"], "stopped_by_time_budget": record["stopped_by_time_budget"],
         "train_seconds": record["wall_time_s"],
         "images_per_s": statistics.median(ips) if ips else None,
-        "seconds_per_step": batch / statistics.median(ips) if ips else None,
+        "accumulation_steps": accumulation,
+        "seconds_per_step": batch * accumulation / statistics.median(ips) if ips else None,
+        "seconds_per_micro_batch": batch / statistics.median(ips) if ips else None,
         "peak_memory_mb": record["peak_memory_mb"],
         "process_memory_before_training_mb": base_rss,
         "forward_evaluations_per_block": _mean(timed, "solver_forward_evaluations"),
@@ -103,6 +109,148 @@ def measure_training(preset: str, model: str, *, steps: int, batch_size: Optiona
         "eval_bpd": metrics.get("bpd_test"), "eval_bpd_std": metrics.get("bpd_std"),
         "eval_images": metrics.get("n_test_images"), "eval_seconds": record.get("evaluation_seconds"),
         "precision": record["precision"], "torch_version": record["provenance"]["torch_version"],
+    }
+
+
+def matmul_flops_per_second(device, size: Optional[int] = None, repeats: int = 5) -> float:
+    """Measured float32 matrix-multiply throughput of ``device`` (the best of ``repeats``)."""
+    import torch
+
+    device = torch.device(device)
+    size = size or (4096 if device.type == "cuda" else 1024)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def _flop_counting_mode():
+    """A dispatch mode summing the FLOPs of matrix products and convolutions (torch's own FLOP
+    formulas, ``torch.utils.flop_counter.flop_registry``). ``FlopCounterMode`` itself tracks
+    modules with hooks that ``torch.autograd.grad`` inside a forward (the log-det estimator)
+    does not support, so only its formulas are used here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _CountFlops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.flops += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    return _CountFlops()
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str] = None, batch_size: int = 16,
+              model_overrides: Optional[dict] = None, seed: int = 0) -> Dict[str, Any]:
+    r"""Where one training step's arithmetic goes, counted by ``torch.utils.flop_counter``.
+
+    FLOPs of matrix products and convolutions (elementwise work is not counted) of one
+    evaluation of every block's g, of the forward solves (no-grad forward), of the forward with
+    the log-det estimator (training mode), and of the backward pass. Each phase is also given in
+    *evaluations of g per block*: its FLOPs over those of one evaluation of every g. With the
+    step's measured time and the device's matrix-multiply throughput this gives the fraction of
+    the arithmetic limit the step reaches.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from monoflow.blocks import MonotoneBlock, ResidualBlock
+    from monoflow.lipschitz import update_lipschitz
+    from monoflow.models.image import ImageFlow, get_image_preset
+
+    spec = get_image_preset(preset)
+    config = spec.model if model is None else spec.model.with_model(model)
+    config = replace(config, **(model_overrides or {}))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    flow = ImageFlow(config).to(dev)
+    k = torch.randint(0, config.n_levels, (batch_size, *config.image_shape), device=dev)
+    noise = torch.rand(k.shape, device=dev)
+    x = (k.float() + noise) / config.n_levels
+    blocks = [m for m in flow.modules() if isinstance(m, (MonotoneBlock, ResidualBlock))]
+    inputs: Dict[int, Any] = {}
+    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, args[0].detach()))
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        flow(x, with_logdet=False)  # ActNorm initialisation, power-iteration state, block inputs
+    for hook in hooks:
+        hook.remove()
+    flow.train()
+
+    def counted(fn):
+        with _flop_counting_mode() as counter:
+            result = fn()
+        return counter.flops, result
+
+    def timed(fn):  # without the counting mode, whose Python dispatch would dominate the time
+        _synchronize(dev)
+        start = time.perf_counter()
+        result = fn()
+        _synchronize(dev)
+        return time.perf_counter() - start, result
+
+    def one_g_each():
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                w = inputs[i]
+                block.g(w.flatten(1) if w.dim() == 2 else w)
+
+    def solve_only():
+        with torch.no_grad():
+            flow(x, with_logdet=False)
+
+    def loss():
+        return flow.bits_per_dim(k, noise=noise).mean()
+
+    g_flops, _ = counted(one_g_each)
+    solve_flops, _ = counted(solve_only)
+    forward_flops, value = counted(loss)
+    backward_flops, _ = counted(value.backward)
+    solve_s, _ = timed(solve_only)
+    forward_s, value = timed(loss)
+    backward_s, _ = timed(value.backward)
+    _synchronize(dev)
+    start = time.perf_counter()
+    update_lipschitz(flow, tol=1e-3, max_iterations=200)
+    _synchronize(dev)
+    power_s = time.perf_counter() - start
+    step_flops = forward_flops + backward_flops
+    step_s = forward_s + backward_s + power_s
+    peak = matmul_flops_per_second(dev)
+    per_block = max(g_flops, 1)
+    return {
+        "preset": preset, "model": config.model_name, "batch_size": batch_size, "device": str(dev),
+        "blocks": len(blocks), "g_flops_all_blocks": g_flops,
+        "g_evaluations_per_block": {"forward_solve": solve_flops / per_block,
+                                    "logdet_estimator": (forward_flops - solve_flops) / per_block,
+                                    "backward": backward_flops / per_block},
+        "step_flops": step_flops,
+        "seconds": {"forward_solve_alone": solve_s, "forward_with_logdet": forward_s, "backward": backward_s,
+                    "power_iterations": power_s, "step": step_s},
+        "achieved_flops_per_s": step_flops / step_s, "matmul_flops_per_s": peak,
+        "fraction_of_matmul_throughput": step_flops / step_s / peak,
+        "note": "FLOPs of matrix products and convolutions only, counted in one step; times of a second step",
     }
 
 

@@ -124,8 +124,15 @@ def planned_runs(scale: str, seeds: Sequence[int], presets: Optional[Sequence[st
             if (not presets or preset in presets) and (not models or model in models)]
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "run.json").exists()
+def _finished(run_dir: Path, preset: str) -> bool:
+    """A run.json with at least the preset's steps (a preset made longer resumes its runs)."""
+    from monoflow.images.checkpoint import read_record
+    from monoflow.models.image import get_image_preset
+
+    if not (run_dir / "run.json").exists():
+        return False
+    planned = get_image_preset(preset).training.iterations
+    return planned is None or read_record(run_dir / "run.json").get("iterations", 0) >= planned
 
 
 def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "results/images",
@@ -144,7 +151,7 @@ def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "re
     for preset, model, seed in planned_runs(scale, seeds, presets, models):
         run_dir = run_directory(results_dir, preset, model, seed)
         label = f"{preset}/{model}/seed{seed}"
-        if _finished(run_dir):
+        if _finished(run_dir, preset):
             outcome["finished_before"].append(label)
             continue
         log(f"training {label}")

@@ -651,18 +651,18 @@ def _cpu_presets() -> Dict[str, ImagePreset]:
     digits = ImageFlowConfig(image_shape=(1, 8, 8), n_levels=17, blocks=(2, 2), growth=32, depth=3,
                              fc_blocks=2, resflow_hidden=115)
     scale_note = ("Reduced scale: compare models with each other, not with the paper's MNIST number "
-                  "(other data, far smaller model, 500 steps instead of 1000 epochs).")
+                  "(other data, far smaller model, 2000 steps instead of 1000 epochs).")
     return {
         "mnist5k-cpu": ImagePreset(
-            "mnist5k-cpu", "mnist5k", mnist5k, replace(training, iterations=500),
+            "mnist5k-cpu", "mnist5k", mnist5k, replace(training, iterations=2000, eval_every=100),
             "CPU-scale Table 2 row on 5,000 real MNIST digits (28x28, 256 levels; 4,000 train / 1,000 "
-            "test): squeeze first, 2-2 blocks, growth 32, 2 FC blocks, batch 64, 500 steps",
+            "test): squeeze first, 2-2 blocks, growth 32, 2 FC blocks, batch 64, 2000 steps",
             scale="reduced: mnist5k 28x28 CPU", notes=scale_note,
         ),
         "digits-cpu": ImagePreset(
-            "digits-cpu", "digits", digits, replace(training, iterations=600, eval_every=60, eval_curve_images=0),
+            "digits-cpu", "digits", digits, replace(training, iterations=1500, eval_every=100, eval_curve_images=300),
             "CPU-scale Table 2 row on scikit-learn's 8x8 digits (17 levels; 1,500 train / 297 test): "
-            "2-2 blocks, growth 32, 2 FC blocks, batch 64, 600 steps",
+            "2-2 blocks, growth 32, 2 FC blocks, batch 64, 1500 steps",
             scale="reduced: digits 8x8 CPU", notes="No paper number: 8x8 images with 17 levels.",
         ),
     }
