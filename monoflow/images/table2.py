@@ -30,7 +30,8 @@ import numpy as np
 from monoflow.images.results import read_runs, run_directory
 
 __all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "table2",
-           "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step"]
+           "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step", "learning_curves",
+           "late_improvement", "compare_models", "scale_of_preset"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -254,3 +255,64 @@ def write_table2(results_dir: PathLike = "results/images", scale: str = "cpu",
         paths.append(tables_dir / f"table2_ablation_{scale}.csv")
         ablation_table(results_dir, scale).to_csv(paths[1], index=False)
     return paths
+
+
+def scale_of_preset(preset: str) -> Optional[str]:
+    """The first scale whose runs include ``preset`` (None if none does)."""
+    return next((name for name, spec in TABLE2_SCALES.items() if preset in spec.presets), None)
+
+
+def _scale_runs(results_dir: PathLike, scale: str) -> List[dict]:
+    presets = get_scale(scale).presets
+    return [r for r in read_runs(results_dir) if r.get("preset") in presets and "bpd_test" in r.get("metrics", {})]
+
+
+def _curve(run: dict) -> List[Tuple[int, float]]:
+    """(step, test bpd) of a run: its evaluations during training, then the final one."""
+    points = [(int(e["step"]), float(e["bpd_test"])) for e in run.get("evaluations", []) if "bpd_test" in e]
+    return points + [(int(run["iterations"]), float(run["metrics"]["bpd_test"]))]
+
+
+def learning_curves(results_dir: PathLike = "results/images", scale: str = "cpu"):
+    """Test bpd against optimiser steps of every finished run of ``scale`` (one row per point).
+
+    Points during training are one estimator draw on ``eval_curve_images`` test images; the
+    last point of each run is the final evaluation (all test images, ``n_eval_draws`` draws).
+    """
+    import pandas as pd
+
+    rows = [{"dataset": r["dataset"], "model": _model_label(r), "seed": r["seed"], "step": step, "bpd": bpd,
+             "final": step == r["iterations"] and i == len(_curve(r)) - 1}
+            for r in _scale_runs(results_dir, scale) for i, (step, bpd) in enumerate(_curve(r))]
+    return pd.DataFrame(rows, columns=["dataset", "model", "seed", "step", "bpd", "final"])
+
+
+def late_improvement(run: dict) -> Optional[float]:
+    """Relative improvement of the test bpd over the last fifth of training: (bpd at the point
+    nearest 80% of the steps - final bpd) / bpd at that point. Below 0.01 counts as a plateau."""
+    points = _curve(run)[:-1]
+    if not points:
+        return None
+    target = 0.8 * run["iterations"]
+    step, bpd = min(points, key=lambda p: abs(p[0] - target))
+    return (bpd - run["metrics"]["bpd_test"]) / bpd
+
+
+def compare_models(table, better: str, worse: str) -> List[Dict[str, object]]:
+    """Per data set: the mean bpd of ``worse`` minus that of ``better`` (positive: ``better`` is
+    lower, as the paper claims) and that gap over its standard error from the seed spreads
+    (None with fewer than two seeds of either model, where the gap cannot be told from noise)."""
+    out = []
+    for dataset in sorted(set(table["dataset"])) if len(table) else []:
+        rows = {m: table[(table["dataset"] == dataset) & (table["model"] == m)] for m in (better, worse)}
+        if any(len(r) == 0 for r in rows.values()):
+            continue
+        a, b = rows[better].iloc[0], rows[worse].iloc[0]
+        gap = float(b["bpd_mean"] - a["bpd_mean"])
+        error = None
+        if a["n_seeds"] >= 2 and b["n_seeds"] >= 2:
+            error = float(np.sqrt(a["bpd_std_over_seeds"] ** 2 / a["n_seeds"] + b["bpd_std_over_seeds"] ** 2 / b["n_seeds"]))
+        out.append({"dataset": dataset, "better": better, "worse": worse, "gap": gap,
+                    "standard_error": error, "gap_over_error": gap / error if error else None,
+                    "seeds": (int(a["n_seeds"]), int(b["n_seeds"]))})
+    return out
