@@ -154,8 +154,9 @@ class CompiledFlowLoss:
     cache on disk shortens later compiles of the same architecture); switching learnable
     concatenation on compiles once more. Each monotone block's ``last_solves["forward"]``
     records the Newton solve. A solve converged where :math:`\|w + g(w) - b\| \le
-    \text{atol}\sqrt d + \text{rtol}\,\|w\|` (the solver's test); ``batches`` and ``fallbacks``
-    count the calls and those recomputed by the eager flow because a solve missed it.
+    \text{atol}\sqrt d + \text{rtol}\,\|w\|` (the solver's test) with both norms finite;
+    ``batches`` and ``fallbacks`` count the calls and those recomputed by the eager flow because a
+    solve missed it.
     ``compiles`` and ``compile_s`` count the compilations and their time: a call that finds a new
     set of trainable parameters or a switched learnable concatenation (the first call, and the one
     after learnable concatenation switches on) first runs the graph and its backward once, so
@@ -221,12 +222,15 @@ class CompiledFlowLoss:
         monotone = [block for block in self.flow.blocks if isinstance(block, MonotoneBlock)]
         everywhere = True
         for block, residual, norm in zip(monotone, residuals, norms):
-            converged = residual <= atol * math.sqrt(x.shape[1]) + rtol * norm
-            everywhere = everywhere and bool(converged.all())
+            # an overflowing solve has residual and tolerance both inf, and inf <= inf holds: only a
+            # finite residual at a finite solution can be converged (SolverInfo masks the residual too)
+            converged = (residual <= atol * math.sqrt(x.shape[1]) + rtol * norm) & torch.isfinite(norm)
             iterations = torch.full_like(residual, self.newton_steps + 1, dtype=torch.long)
             block.last_solves.pop("adjoint", None)  # the gradient is a direct solve inside the graph
-            block.last_solves["forward"] = SolverInfo(iterations=iterations, residual=residual, converged=converged,
-                                                      evaluations=self.newton_steps + 1)
+            info = SolverInfo(iterations=iterations, residual=residual, converged=converged,
+                              evaluations=self.newton_steps + 1)
+            block.last_solves["forward"] = info
+            everywhere = everywhere and info.all_converged
         return everywhere
 
 

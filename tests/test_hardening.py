@@ -661,3 +661,181 @@ def test_a_damaged_image_checkpoint_is_named_by_the_image_cli(tmp_path, capsys):
     for action in (["evaluate"], ["sample", "--out", str(tmp_path / "s.png")]):
         assert main(["images", *action, "--preset", "digits", "--results-dir", str(tmp_path), "--device", "cpu"]) == 1
         _one_line_error(capsys, str(run_dir / "checkpoint.pt"), "delete")
+
+
+# Leftovers: the book shows the certificates, compiled solves, image records, CIFAR-10 pickles -----
+
+
+def _copied_toy_run(finished_toy: Path, tmp_path: Path, record: bool = True, checkpoint: bool = True) -> Path:
+    """A copy of the finished tiny toy run (its results folder), without the certificates in its
+    run.json or without its checkpoint if asked."""
+    import shutil
+
+    root = tmp_path / "results"
+    shutil.copytree(finished_toy, root)
+    run_dir = _toy_run_dir(root)
+    if not record:
+        data = json.loads((run_dir / "run.json").read_text())
+        del data["lipschitz"]
+        (run_dir / "run.json").write_text(json.dumps(data))
+    if not checkpoint:
+        (run_dir / "checkpoint.pt").unlink()
+    return root
+
+
+def test_certificates_are_read_from_the_record_else_from_the_checkpoint_else_counted_missing(finished_toy, tmp_path):
+    from monoflow.experiments.results import find_runs, lipschitz_certificates
+
+    recorded = json.loads((_toy_run_dir(finished_toy) / "run.json").read_text())["lipschitz"]
+    table = lipschitz_certificates(find_runs(finished_toy, "toy2d"))
+    assert table[["model", "dataset", "seed", "source"]].values.tolist() == [["monotone", "moons", 0, "run.json"]]
+    assert table["bound_max"].iloc[0] == recorded["bound_max"] and table["all_below_one"].iloc[0]
+
+    older = find_runs(_copied_toy_run(finished_toy, tmp_path / "older", record=False), "toy2d")
+    from_checkpoint = lipschitz_certificates(older)
+    assert from_checkpoint["source"].tolist() == ["checkpoint"]
+    assert from_checkpoint["bound_max"].iloc[0] == pytest.approx(recorded["bound_max"], rel=1e-6)
+    assert lipschitz_certificates(older, from_checkpoints=False)["source"].tolist() == ["none"]
+
+    neither = lipschitz_certificates(find_runs(_copied_toy_run(finished_toy, tmp_path / "committed", record=False,
+                                                               checkpoint=False), "toy2d"))
+    assert neither["source"].tolist() == ["none"]
+    assert np.isnan(neither["bound_max"].iloc[0]) and neither["all_below_one"].iloc[0] is None
+
+
+def test_the_command_for_a_run_without_certificates_recreates_it_with_them(finished_toy, tmp_path):
+    import shlex
+
+    from monoflow.experiments.results import find_runs, rerun_commands
+
+    runs = find_runs(_copied_toy_run(finished_toy, tmp_path, record=False, checkpoint=False), "toy2d")
+    again = tmp_path / "again"
+    (command,) = rerun_commands(runs, output=str(again))
+    assert command.startswith("monoflow table1 --preset quick --datasets moons --models monotone --seeds 0 ")
+    assert "--set nblocks=2" in command and "--set iterations=4" in command
+    words = shlex.split(command)
+    assert main(words[1:] + ["--threads", "1", "--no-progress"]) == 0
+    (rerun,) = find_runs(again, "toy2d")
+    assert rerun["config"] == runs[0]["config"]
+    assert rerun["lipschitz"]["all_below_one"] and 0 < rerun["lipschitz"]["bound_max"] < 1
+
+
+def _certificate_cell(name: str) -> str:
+    notebook = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / f"{name}.ipynb").read_text())
+    (cell,) = [cell for cell in notebook["cells"] if "lipschitz_certificates(" in "".join(cell["source"])]
+    return "".join(cell["source"])
+
+
+def _fake_run(root: Path, config, certificate) -> None:
+    from monoflow.experiments.config import config_to_dict
+    from monoflow.experiments.results import run_directory, write_run
+
+    write_run(run_directory(config, root), {
+        "experiment": config.experiment, "status": "finished", "preset": "quick", "model": config.model,
+        "dataset": getattr(config, "dataset", None), "seed": config.seed, "config": config_to_dict(config),
+        **({"lipschitz": {"bound_max": certificate, "all_below_one": certificate < 1, "networks": []}}
+           if certificate is not None else {})})
+
+
+@pytest.mark.parametrize("name", ["03_toy_densities_2d", "02_expressivity_1d"])
+def test_the_chapters_tabulate_the_certificates_and_count_the_runs_without(tmp_path, name):
+    import pandas as pd
+    from IPython.display import Markdown
+
+    from monoflow.book import html_table
+    from monoflow.experiments import regression_config, toy_config
+    from monoflow.experiments.results import find_runs, lipschitz_certificates, rerun_commands
+
+    toy = name.startswith("03")
+    build = (lambda seed: toy_config("quick", dataset="moons", model="monotone", seed=seed)) if toy else \
+        (lambda seed: regression_config("quick", model="monotone_actnorm", seed=seed))
+    _fake_run(tmp_path, build(0), 0.97)
+    _fake_run(tmp_path, build(1), None)
+    shown = []
+    namespace = {"find_runs": find_runs, "lipschitz_certificates": lipschitz_certificates, "rerun_commands": rerun_commands,
+                 "source": tmp_path, "preset": None, "models": ["monotone", "monotone_actnorm"], "datasets": ["moons"],
+                 "NAMES": {"monotone": "Monotone Flow"}, "paper": pd.DataFrame({"description": {"monotone_actnorm": "(d)"}}),
+                 "pd": pd, "html_table": html_table, "display": shown.append, "Markdown": Markdown}
+    exec(_certificate_cell(name), namespace)
+    table, counted, missing = shown
+    assert "0.9700" in table.to_html() and "yes" in table.to_html()
+    assert "**1 of 1** runs with a certificate" in counted.data
+    assert "**1 of 2 finished runs have no certificate.**" in missing.data
+    assert rerun_commands(find_runs(tmp_path, "toy2d" if toy else "regression1d")[1:], output="results-rerun")[0] in missing.data
+
+
+@pytest.mark.parametrize("residual, norm", [(float("inf"), float("inf")), (float("nan"), float("nan")),
+                                            (1.0, float("inf"))])
+def test_a_compiled_solve_with_a_non_finite_residual_or_solution_falls_back_to_the_eager_loss(residual, norm):
+    from monoflow.blocks import MonotoneBlock
+    from monoflow.compiled import CompiledFlowLoss
+    from monoflow.models import toy_flow
+
+    torch.manual_seed(0)
+    flow = toy_flow("monotone", nblocks=2, depth=1, growth=8)
+    loss_fn = CompiledFlowLoss(flow)
+    x = torch.randn(16, 2)
+    overflowed = ([torch.full((16,), residual)] * 2, [torch.full((16,), norm)] * 2)
+    loss_fn._loss = lambda batch: (torch.tensor(0.0), *overflowed)  # what the graph returns when a solve overflows
+    assert not loss_fn._record(*overflowed, x)
+    assert all(not block.last_solves["forward"].converged.any() for block in flow.blocks if isinstance(block, MonotoneBlock))
+    loss = loss_fn(x)
+    assert loss_fn.fallbacks == 1 and loss_fn.batches == 1
+    assert torch.equal(loss, -flow.log_prob(x).mean())
+
+
+@pytest.mark.parametrize("content", ["", "{\"kind\": \"ima", "[1, 2]"])
+def test_a_corrupt_or_empty_image_record_is_named_by_read_runs(tmp_path, content):
+    from monoflow.images.results import read_runs, run_directory
+
+    run_dir = run_directory(tmp_path, "digits", "monotone", 0)
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{run_dir / 'run.json'} is not a"):
+        read_runs(tmp_path)
+
+
+class _CallsSystem:
+    """Pickles to ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_cifar10_batch_that_would_run_code_is_refused_unrun(tmp_path):
+    import pickle
+
+    from monoflow.data.images import load_cifar10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": _CallsSystem(f"touch {marker}"), b"labels": [0]}, handle)
+    with pytest.raises(pickle.UnpicklingError, match=f"{folder / 'data_batch_1'} is not a CIFAR-10 batch.*system"):
+        load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])  # 2: the original batches (Python 2)
+def test_cifar10_batches_of_every_pickle_protocol_still_load(tmp_path, protocol):
+    import pickle
+
+    from monoflow.data.images import _unpickle
+
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    labels = list(np.array([3, 7]))  # numpy integers, as a list built from an array holds
+    with open(tmp_path / "data_batch_1", "wb") as handle:
+        pickle.dump({b"data": data, b"labels": labels, b"batch_label": b"training batch 1 of 5",
+                     b"filenames": [b"a.png", b"b.png"]}, handle, protocol=protocol)
+    batch = _unpickle(tmp_path / "data_batch_1")
+    np.testing.assert_array_equal(batch["data"], data)
+    assert batch["labels"] == [3, 7] and batch["filenames"] == [b"a.png", b"b.png"]
+    with open(tmp_path / "data_batch_1", "wb") as handle:
+        pickle.dump([data], handle, protocol=protocol)
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
+        _unpickle(tmp_path / "data_batch_1")

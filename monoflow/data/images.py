@@ -220,8 +220,33 @@ def load_mnist(root: PathLike, train: bool = True) -> ImageArray:
 
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR-10 python batch. The format is a pickle, and a pickle may call anything it names;
+    this one may name only what rebuilds numpy arrays and plain containers (the globals the
+    original Python 2 batches and pickle.dump of numpy arrays use), and anything else is refused
+    before it runs."""
+    # numpy's array and scalar reconstruction (numpy.core before numpy 2, numpy._core since;
+    # _frombuffer for pickle protocol 5), plain containers (__builtin__: Python 2), and
+    # _codecs.encode, which rebuilds bytes in protocols 0 to 2
+    allowed = {(f"{package}.{module}", name) for package in ("numpy.core", "numpy._core")
+               for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+    allowed |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    allowed |= {(module, name) for module in ("builtins", "__builtin__")
+                for name in ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray")}
+
+    class BatchUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(
+                    f"{path} is not a CIFAR-10 batch: its pickle asks for {module}.{name}, and a batch holds only "
+                    "numpy arrays, lists and dicts; refused without running it. Replace the file with one from "
+                    "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html)")
+            return super().find_class(module, name)
+
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        entry = BatchUnpickler(f, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch (a pickled {type(entry).__name__}, not a dict with "
+                         "'data' and 'labels')")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 

@@ -20,7 +20,9 @@ run.json holds: ``experiment``, ``status`` ("finished"), ``preset``, ``model``, 
 rate, inverse round-trip error, solver statistics of the test and of the training step),
 ``config``, ``parameters``, ``provenance`` (package version, git commit, torch version, device,
 Python, platform, time), ``timing`` (wall time, iterations, per-iteration time and its breakdown
-into data / forward / backward / optimizer) and ``solver`` (statistics of the last test).
+into data / forward / backward / optimizer), ``solver`` (statistics of the last test) and
+``lipschitz`` (the certified bound of Lip(g) of each block, :func:`lipschitz_certificates`; runs
+finished before it was recorded lack it).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ import pandas as pd
 import torch
 
 from monoflow.checkpoint import atomic_write_text
+from monoflow.experiments.config import config_to_dict, regression_config, toy_config
+from monoflow.lipschitz import certificates_record
 
 __all__ = [
     "RUN_NAME",
@@ -54,6 +58,8 @@ __all__ = [
     "write_run",
     "to_jsonable",
     "summarize_solver",
+    "lipschitz_certificates",
+    "rerun_commands",
 ]
 
 RUN_NAME = "run.json"
@@ -300,3 +306,93 @@ def write_tables(results_dir: PathLike = "results", preset: Optional[str] = None
     return written
 
 
+def lipschitz_certificates(runs: Sequence[Dict[str, Any]], from_checkpoints: bool = True) -> pd.DataFrame:
+    r"""The Lipschitz certificates of finished toy and 1-D runs (:func:`find_runs`), one row per run.
+
+    A block is invertible only if :math:`\mathrm{Lip}(g) < 1`; a finished run records a rigorous
+    upper bound of each block's :math:`\mathrm{Lip}(g)` in ``run.json["lipschitz"]``
+    (:func:`monoflow.lipschitz.certificates_record`). Runs finished before that record existed
+    lack it; for those, with ``from_checkpoints``, the bounds are computed from the run's
+    ``checkpoint.pt`` if it is there and belongs to the same configuration.
+
+    Columns: experiment, preset, model, dataset (None for 1-D runs), seed, bound_max (the
+    largest bound over the run's blocks), all_below_one, source (``"run.json"``,
+    ``"checkpoint"``, or ``"none"`` where neither holds them: bound_max is then NaN and
+    all_below_one None), run_dir.
+    """
+    rows = []
+    for run in runs:
+        certificates, source = run.get("lipschitz"), "run.json"
+        if certificates is None and from_checkpoints:
+            certificates, source = _certificates_from_checkpoint(run), "checkpoint"
+        if certificates is None:
+            source = "none"
+        rows.append({
+            "experiment": run.get("experiment"), "preset": run.get("preset"), "model": run.get("model"),
+            "dataset": run.get("dataset"), "seed": run.get("seed"),
+            "bound_max": float("nan") if certificates is None or certificates["bound_max"] is None
+            else float(certificates["bound_max"]),
+            "all_below_one": None if certificates is None else bool(certificates["all_below_one"]),
+            "source": source, "run_dir": run.get("run_dir"),
+        })
+    columns = ["experiment", "preset", "model", "dataset", "seed", "bound_max", "all_below_one", "source", "run_dir"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _certificates_from_checkpoint(run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``certificates_record`` of the model in the run's checkpoint, or None without one (or with
+    one of another configuration: a run extended since its record was written)."""
+    from monoflow.experiments.evaluate import load_model  # it imports this module
+
+    if not run.get("run_dir") or not (Path(run["run_dir"]) / CHECKPOINT_NAME).is_file():
+        return None
+    path = Path(run["run_dir"]) / CHECKPOINT_NAME
+    model, config = load_model(path)
+    if config_to_dict(config) != run.get("config"):
+        return None
+    return to_jsonable(certificates_record(model))
+
+
+def rerun_commands(runs: Sequence[Dict[str, Any]], output: str = "results-rerun") -> List[str]:
+    """The ``monoflow table1`` / ``monoflow figure4`` commands that train ``runs`` again into the
+    results folder ``output``.
+
+    Fields that differ from the preset are given as ``--set``. Each command trains every
+    combination of the data sets, models and seeds it names; together they train exactly
+    ``runs``. A folder that holds a finished run returns its record without training, hence a new
+    ``output`` to re-create runs whose records predate a field (the Lipschitz certificates).
+    """
+    seeds: Dict[tuple, set] = {}  # (experiment, preset, changed fields, model, data set) -> seeds
+    for run in runs:
+        experiment = run["experiment"]
+        if experiment not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {experiment!r} in {run.get('run_dir')}; valid: {', '.join(EXPERIMENTS)}")
+        if experiment == "toy2d":
+            preset = config_to_dict(toy_config(run["preset"], dataset=run["dataset"], model=run["model"], seed=run["seed"]))
+        else:
+            preset = config_to_dict(regression_config(run["preset"], model=run["model"], seed=run["seed"]))
+        changed = tuple(sorted((key, _command_value(value)) for key, value in run["config"].items()
+                               if key in preset and value != preset[key]))
+        seeds.setdefault((experiment, run["preset"], changed, run["model"], run.get("dataset")), set()).add(int(run["seed"]))
+    # a command trains every data set x model x seed it names: group so that each is a full product
+    datasets: Dict[tuple, set] = {}
+    for (experiment, preset, changed, model, dataset), cell_seeds in seeds.items():
+        datasets.setdefault((experiment, preset, changed, model, tuple(sorted(cell_seeds))), set()).add(dataset)
+    models: Dict[tuple, set] = {}
+    for (experiment, preset, changed, model, cell_seeds), cell_datasets in datasets.items():
+        names = tuple(sorted(name for name in cell_datasets if name))
+        models.setdefault((experiment, preset, changed, cell_seeds, names), set()).add(model)
+    commands = []
+    for (experiment, preset, changed, cell_seeds, names), cell_models in sorted(models.items()):
+        words = ["monoflow", "table1" if experiment == "toy2d" else "figure4", "--preset", preset]
+        words += ["--datasets", *names] if names else []
+        words += ["--models", *sorted(cell_models), "--seeds", *map(str, cell_seeds)]
+        for key, value in changed:
+            words += ["--set", f"{key}={value}"]
+        commands.append(" ".join(words + ["-o", output]))
+    return commands
+
+
+def _command_value(value: Any) -> str:
+    """A configuration value as ``--set`` reads it (tuples comma separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Union
 import torch
 
 from monoflow.checkpoint import atomic_write_text
+from monoflow.images.checkpoint import read_record
 from monoflow.provenance import provenance as base_provenance
 
 __all__ = ["provenance", "write_json", "read_runs", "image_table", "run_directory"]
@@ -48,10 +49,11 @@ def write_json(data: Dict[str, Any], path: PathLike) -> Path:
 
 
 def read_runs(results_dir: PathLike) -> List[Dict[str, Any]]:
-    """Every image ``run.json`` below ``results_dir`` (with its folder under ``_dir``)."""
+    """Every image ``run.json`` below ``results_dir`` (with its folder under ``_dir``); a record that
+    is not a JSON object (corrupt, empty) is a ``ValueError`` naming its file."""
     runs = []
     for path in sorted(Path(results_dir).rglob("run.json")):
-        data = json.loads(path.read_text())
+        data = read_record(path)
         if data.get("kind") == "images":
             data["_dir"] = str(path.parent)
             runs.append(data)
