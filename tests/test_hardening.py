@@ -623,8 +623,8 @@ def test_a_misspelled_parameter_stops_a_real_notebook_run(tmp_path):
 
 
 def test_book_refuses_a_parameter_no_notebook_declares(capsys):
-    assert main(["book", "-p", "n_pair=5", "--notebook", "01_theory", "--no-progress"]) == 1
-    _one_line_error(capsys, "-p n_pair", "did you mean 'n_pairs'?")
+    assert main(["book", "--set", "n_pair=5", "--notebook", "01_theory", "--no-progress"]) == 1
+    _one_line_error(capsys, "--set n_pair", "did you mean 'n_pairs'?")
     assert main(["book", "-p", "datasets=[moons]", "--notebook", "01_theory", "--no-progress"]) == 1
     _one_line_error(capsys, "no notebook to run (01_theory) declares a parameter 'datasets'")
 

@@ -159,3 +159,15 @@ def test_set_splits_overrides_between_model_and_training():
 
     model, training = parse_image_overrides(["blocks=4,4,4", "lr=5e-4", "fc_end=False", "activation=cpila"])
     assert model == {"blocks": (4, 4, 4), "fc_end": False, "activation": "cpila"} and training == {"lr": 5e-4}
+
+
+def test_table2_set_needs_train_and_reaches_the_runs(tmp_path, capsys, monkeypatch):
+    assert cli_main(["table2", "--scale", "quick", "--set", "lr=5e-4", "-o", str(tmp_path)]) == 1
+    assert "without --train" in capsys.readouterr().err
+    from monoflow.images import table2 as t2
+
+    seen = {}
+    monkeypatch.setattr(t2, "train_scale", lambda *a, **kw: seen.update(kw) or {"stopped": [], "trained": []})
+    assert cli_main(["table2", "--scale", "quick", "--train", "--set", "lr=5e-4", "--set", "growth=8",
+                     "-o", str(tmp_path)]) == 0
+    assert seen["training_overrides"] == {"lr": 5e-4} and seen["model_overrides"] == {"growth": 8}

@@ -25,7 +25,7 @@ def _parse_parameter(text: str) -> List[Any]:
 
 
 def _check_declared(overrides: Dict[str, Any], notebooks: List[str]) -> None:
-    """Refuse a ``-p NAME`` that none of the notebooks to run declares (papermill would drop it)."""
+    """Refuse a ``--set NAME=...`` that none of the notebooks to run declares (papermill would drop it)."""
     import difflib
 
     from monoflow.notebook_parameters import declared_names
@@ -36,7 +36,7 @@ def _check_declared(overrides: Dict[str, Any], notebooks: List[str]) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"-p {name}: no notebook to run ({', '.join(notebooks)}) declares a parameter {name!r}"
+            raise ValueError(f"--set {name}: no notebook to run ({', '.join(notebooks)}) declares a parameter {name!r}"
                              f"{hint}; declared: {', '.join(known)}")
 
 

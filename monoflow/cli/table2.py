@@ -18,6 +18,7 @@ __all__ = ["register"]
 
 
 def _table2(args: argparse.Namespace) -> int:
+    from monoflow.cli.images import parse_image_overrides
     from monoflow.images.table2 import TABLE2_SCALES, planned_runs, train_scale, write_table2
 
     if args.threads:
@@ -25,11 +26,15 @@ def _table2(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     images_dir = Path(args.output) / "images"
+    model_overrides, training_overrides = parse_image_overrides(args.overrides)
+    if (model_overrides or training_overrides) and not args.train:
+        raise ValueError("--set changes the runs that --train makes; without --train there is nothing to change")
     if args.train:
         planned_runs(args.scale, args.seeds, args.presets, args.models)  # refuse unknown names first
         outcome = train_scale(args.scale, args.seeds, results_dir=images_dir, presets=args.presets,
                               models=args.models, data_root=args.data_root, device=args.device,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, model_overrides=model_overrides or None,
+                              training_overrides=training_overrides or None)
         print("; ".join(f"{k.replace('_', ' ')}: {len(v)}" for k, v in outcome.items()))
         if outcome["stopped"]:
             return 0
@@ -50,6 +55,9 @@ def register(subparsers) -> None:
     parser.add_argument("--train", action="store_true", help="train the scale's unfinished runs first")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                         help="seeds to train (default: 0 1 2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one field of every run's model or training config (repeatable); use another "
+                        "-o so that the changed runs do not mix with the preset's")
     parser.add_argument("--presets", nargs="+", default=None, metavar="PRESET", help="train only these presets")
     parser.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="train only these models")
     parser.add_argument("--output", "-o", type=Path, default=Path("results"),

@@ -139,7 +139,8 @@ def _finished(run_dir: Path, preset: str) -> bool:
 def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "results/images",
                 presets: Optional[Sequence[str]] = None, models: Optional[Sequence[str]] = None,
                 data_root: Optional[str] = None, device: Optional[str] = None, progress: bool = True,
-                training_overrides: Optional[dict] = None, log=print) -> Dict[str, List[str]]:
+                training_overrides: Optional[dict] = None, model_overrides: Optional[dict] = None,
+                log=print) -> Dict[str, List[str]]:
     """Train every run of ``scale`` that is not finished; returns the runs by outcome.
 
     A run whose folder another process has locked is skipped (``busy``), so two workers started
@@ -159,7 +160,7 @@ def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "re
         try:
             result = train_image_flow(preset, model=model, seed=seed, results_dir=str(results_dir),
                                       data_root=data_root, device=device, progress=progress,
-                                      training_overrides=training_overrides)
+                                      training_overrides=training_overrides, model_overrides=model_overrides)
         except FolderBusyError as busy:
             log(f"skipping {label}: {busy}")
             outcome["busy"].append(label)
