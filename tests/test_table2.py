@@ -9,7 +9,8 @@ import torch
 
 from monoflow.cli import main as cli_main
 from monoflow.data.images import ImageArray, load_image_dataset, load_mnist5k, read_mnist5k_csv
-from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, planned_runs, seconds_per_step,
+from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, late_improvement, planned_runs,
+                                    seconds_per_step,
                                     table2, train_scale, write_table2)
 from monoflow.lipschitz import certify_lipschitz, update_lipschitz
 from monoflow.models.image import count_parameters, get_image_preset, image_flow
@@ -171,3 +172,23 @@ def test_table2_set_needs_train_and_reaches_the_runs(tmp_path, capsys, monkeypat
     assert cli_main(["table2", "--scale", "quick", "--train", "--set", "lr=5e-4", "--set", "growth=8",
                      "-o", str(tmp_path)]) == 0
     assert seen["training_overrides"] == {"lr": 5e-4} and seen["model_overrides"] == {"growth": 8}
+
+
+def test_late_improvement_reads_the_curve_not_the_final_evaluation():
+    run = {"iterations": 10, "metrics": {"bpd_test": 0.5},  # a final on other images must not count
+           "evaluations": [{"step": s, "bpd_test": b} for s, b in [(2, 3.0), (4, 2.5), (6, 2.2), (8, 2.0), (10, 1.98)]]}
+    assert late_improvement(run) == pytest.approx((2.0 - 1.98) / 2.0)
+    assert late_improvement({"iterations": 10, "metrics": {"bpd_test": 1.0}, "evaluations": []}) is None
+
+
+def test_a_run_with_a_curve_ends_its_curve_at_its_last_step(tmp_path):
+    from monoflow.images import train_image_flow
+
+    record = train_image_flow("digits", run_dir=str(tmp_path), iterations=3, progress=False, device="cpu",
+                              model_overrides=TINY, train_data=_synthetic(24, 0), test_data=_synthetic(8, 1),
+                              training_overrides=dict(batch_size=8, log_every=1, checkpoint_every=100, eval_every=2,
+                                                      eval_curve_images=4, n_eval_draws=2, eval_batch_size=8,
+                                                      n_samples=0, warmup_iterations=1))
+    assert [e["step"] for e in record["evaluations"]] == [2, 3]
+    assert all(e["n_test_images"] == 4 and len(e["bpd_draws"]) == 1 for e in record["evaluations"])
+    assert record["metrics"]["n_test_images"] == 8 and len(record["metrics"]["bpd_draws"]) == 2

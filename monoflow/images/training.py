@@ -367,6 +367,13 @@ def train_image_flow(
         "train_log": log, "evaluations": evals, "provenance": provenance(ctx.device, ctx.world_size),
         "description": spec.description, "notes": spec.notes, "stopped_by_time_budget": stopped_by_budget,
     }
+    if final_evaluation and training.eval_every and training.eval_curve_images > 0 and not stopped_by_budget \
+            and not any(e["step"] == step for e in evals):
+        # the learning curve's last point, measured as its other points are (the final evaluation
+        # below uses every test image and several draws, so it is not comparable with them)
+        evals.append({"step": step, **_evaluate_curve_point(flow, ema, test_data, ctx, training, density,
+                                                           seed, eval_limit)})
+        record["evaluations"] = evals
     if final_evaluation:
         final = _evaluate(flow, ema, test_data, ctx, training, density, seed, eval_limit,
                           samples_to=out if ctx.is_main else None)
