@@ -192,3 +192,20 @@ def test_a_run_with_a_curve_ends_its_curve_at_its_last_step(tmp_path):
     assert [e["step"] for e in record["evaluations"]] == [2, 3]
     assert all(e["n_test_images"] == 4 and len(e["bpd_draws"]) == 1 for e in record["evaluations"])
     assert record["metrics"]["n_test_images"] == 8 and len(record["metrics"]["bpd_draws"]) == 2
+
+
+def test_compare_models_pairs_runs_of_equal_length_only():
+    import pandas as pd
+
+    table = pd.DataFrame([
+        dict(dataset="d", model="monotone", steps=500, n_seeds=1, bpd_mean=1.0, bpd_std_over_seeds=None),
+        dict(dataset="d", model="monotone", steps=2000, n_seeds=3, bpd_mean=0.90, bpd_std_over_seeds=0.01),
+        dict(dataset="d", model="idensenet", steps=2000, n_seeds=3, bpd_mean=0.95, bpd_std_over_seeds=0.02),
+        dict(dataset="e", model="monotone", steps=100, n_seeds=1, bpd_mean=1.0, bpd_std_over_seeds=None),
+        dict(dataset="e", model="idensenet", steps=200, n_seeds=1, bpd_mean=1.1, bpd_std_over_seeds=None),
+    ])
+    from monoflow.images.table2 import compare_models
+
+    (only,) = compare_models(table, "monotone", "idensenet")  # e has no common length
+    assert only["dataset"] == "d" and only["steps"] == 2000 and only["gap"] == pytest.approx(0.05)
+    assert only["standard_error"] == pytest.approx(np.sqrt(0.01**2 / 3 + 0.02**2 / 3))

@@ -198,16 +198,16 @@ def _solver_mean(run: dict, key: str) -> Optional[float]:
 
 
 def table2(results_dir: PathLike = "results/images", scale: str = "cpu"):
-    """One row per (data set, model) of ``scale``: bpd over seeds next to the paper's number."""
+    """One row per (data set, model, steps) of ``scale``: bpd over seeds next to the paper's number."""
     import pandas as pd
 
     spec = get_scale(scale)
-    groups: Dict[Tuple[str, str], List[dict]] = {}
+    groups: Dict[Tuple[str, str, int], List[dict]] = {}  # runs of other lengths are other rows
     for run in read_runs(results_dir):
         if run.get("preset") in spec.presets and "bpd_test" in run.get("metrics", {}):
-            groups.setdefault((run["dataset"], _model_label(run)), []).append(run)
+            groups.setdefault((run["dataset"], _model_label(run), int(run["iterations"])), []).append(run)
     rows = []
-    for (dataset, model), runs in sorted(groups.items()):
+    for (dataset, model, _), runs in sorted(groups.items()):
         runs = sorted(runs, key=lambda r: r["seed"])
         bpds = [r["metrics"]["bpd_test"] for r in runs]
         paper_bpd, paper_params = _paper_entry(dataset, model)
@@ -217,7 +217,7 @@ def table2(results_dir: PathLike = "results/images", scale: str = "cpu"):
             "seeds": " ".join(str(r["seed"]) for r in runs), "n_seeds": len(runs),
             "bpd_mean": float(np.mean(bpds)), "bpd_std_over_seeds": float(np.std(bpds, ddof=1)) if len(bpds) > 1 else None,
             "estimator_std": _mean_of([r["metrics"].get("bpd_std") for r in runs]),
-            "params": runs[0].get("params"), "steps": int(np.mean([r["iterations"] for r in runs])),
+            "params": runs[0].get("params"), "steps": int(runs[0]["iterations"]),
             "seconds_per_step": _mean_of([seconds_per_step(r) for r in runs]),
             "wall_time_s": _mean_of([r.get("wall_time_s") for r in runs]),
             "forward_evaluations_per_block": _mean_of([_solver_mean(r, "forward_evaluations") for r in runs]),
@@ -237,6 +237,7 @@ def ablation_table(results_dir: PathLike = "results/images", scale: str = "cpu")
     rows = []
     for row, (model, text) in ABLATION_ROWS.items():
         match = table[(table["dataset"] == spec.ablation_dataset) & (table["model"] == model)] if len(table) else table
+        match = match.sort_values(["steps", "n_seeds"], ascending=False) if len(match) else match  # the longest runs
         entry = match.iloc[0].to_dict() if len(match) else {"dataset": spec.ablation_dataset, "model": model}
         entry.update({"row": row, "ablation": text})
         rows.append(entry)
@@ -303,20 +304,23 @@ def late_improvement(run: dict) -> Optional[float]:
 
 
 def compare_models(table, better: str, worse: str) -> List[Dict[str, object]]:
-    """Per data set: the mean bpd of ``worse`` minus that of ``better`` (positive: ``better`` is
-    lower, as the paper claims) and that gap over its standard error from the seed spreads
-    (None with fewer than two seeds of either model, where the gap cannot be told from noise)."""
+    """Per data set, at the longest run length both models have: the mean bpd of ``worse`` minus
+    that of ``better`` (positive: ``better`` is lower, as the paper claims) and that gap over its
+    standard error from the seed spreads (None with fewer than two seeds of either model, where
+    the gap cannot be told from noise)."""
     out = []
     for dataset in sorted(set(table["dataset"])) if len(table) else []:
         rows = {m: table[(table["dataset"] == dataset) & (table["model"] == m)] for m in (better, worse)}
-        if any(len(r) == 0 for r in rows.values()):
+        common = set(rows[better]["steps"]) & set(rows[worse]["steps"])  # only runs of equal length compare
+        if not common:
             continue
-        a, b = rows[better].iloc[0], rows[worse].iloc[0]
+        steps = max(common)
+        a, b = (rows[m][rows[m]["steps"] == steps].iloc[0] for m in (better, worse))
         gap = float(b["bpd_mean"] - a["bpd_mean"])
         error = None
         if a["n_seeds"] >= 2 and b["n_seeds"] >= 2:
             error = float(np.sqrt(a["bpd_std_over_seeds"] ** 2 / a["n_seeds"] + b["bpd_std_over_seeds"] ** 2 / b["n_seeds"]))
-        out.append({"dataset": dataset, "better": better, "worse": worse, "gap": gap,
+        out.append({"dataset": dataset, "steps": int(steps), "better": better, "worse": worse, "gap": gap,
                     "standard_error": error, "gap_over_error": gap / error if error else None,
                     "seeds": (int(a["n_seeds"]), int(b["n_seeds"]))})
     return out
