@@ -239,7 +239,12 @@ class FolderLock:
     instead of both writing its checkpoint. ``fcntl.flock`` on ``<folder>/.training.lock``: the
     operating system releases it when the lock is released, the object is collected, or the process
     ends in any way, so a killed run never leaves a stale lock. Without ``fcntl`` (Windows) no lock
-    is taken. Use as a context manager, or keep the object and call :meth:`release`."""
+    is taken. Use as a context manager, or keep the object and call :meth:`release`.
+
+    Why not the ``filelock`` package: its lock would cover Windows too, but the refused process
+    could not say who holds the run; this one writes the holder's process id and host into the
+    lock file and names them in the error (and two workers of ``monoflow table2`` use the refusal,
+    :class:`FolderBusyError`, to share one list of runs)."""
 
     def __init__(self, *folders: PathLike) -> None:
         self._handles: List[Any] = []

@@ -17,6 +17,13 @@ dim 1) with :math:`\eta_i = \mathrm{softplus}(K_i) + 0.1`, rescaled so that
 by the product over its layers. :func:`certify_lipschitz` computes that product from the exact
 singular values (linear layers) or an FFT bound (convolutions), independently of the power
 iteration.
+
+Why not ``torch.nn.utils.parametrizations.spectral_norm``: it always divides by :math:`\sigma`
+(no ``max(1, \sigma/c)``, so no coefficient below 1), runs its power iteration inside every
+training forward (the fixed-point solves evaluate g many times per step, and the weights must
+not change between those evaluations), and normalises a convolution's reshaped kernel matrix,
+whose norm is not the convolution operator's and does not bound its Lipschitz constant. Nor does
+it give a rigorous bound to certify the result.
 """
 from __future__ import annotations
 

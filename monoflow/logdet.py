@@ -102,6 +102,9 @@ def jacobian(g: nn.Module, w: Tensor, create_graph: bool) -> Tensor:
     """Per-sample Jacobian dg/dw of shape (batch, d, d) for flat inputs (batch, d).
 
     Uses ``g.jacobian(w)`` (forward Jacobian propagation) when g provides it, autograd otherwise.
+    The fallback takes one backward pass per output row rather than ``torch.func.jacrev`` with
+    ``vmap``: g may hold custom autograd Functions (Pila's value and derivative) that define no
+    vmap rule, and the fallback only serves small d (exact log-dets of the toys and the tests).
     """
     if hasattr(g, "jacobian"):
         return g.jacobian(w)[1]

@@ -448,6 +448,13 @@ def iterate_batches(
 ) -> Iterator[np.ndarray]:
     """Indices of this rank's part of each global batch of one epoch.
 
+    Why not ``torch.utils.data.DataLoader`` with a ``DistributedSampler``: that sampler deals each
+    rank every N-th index of its permutation, so the position of an image within the global batch,
+    and with it the dequantisation noise and augmentation drawn for that position, depends on the
+    number of processes. Here every rank takes a contiguous slice of one global batch drawn from
+    ``(seed, epoch)``, so N processes train on exactly the numbers one process would (a test holds
+    2 processes equal to 1), and the rows of a memory-mapped array are read in sorted order.
+
     The permutation depends only on ``(seed, epoch)``, so every rank sees the same global batch
     and takes the contiguous slice ``rank * B / world ... (rank + 1) * B / world``; one process
     with ``world_size=1`` sees exactly the union. ``start`` skips batches (for resuming mid-epoch).

@@ -3,6 +3,14 @@ r"""Exponential moving average of the weights, used for evaluation (decay 0.999 
 :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` after every optimiser step. Buffers
 (spectral-norm vectors, ActNorm flags) are not averaged: :meth:`copy_to` takes them from the live
 model, and evaluation re-converges the power iterations for the averaged weights.
+
+Why not ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``: that average
+starts from the weights after the first step (it copies them when nothing is averaged yet) and
+updates by ``lerp``, while the paper's release, and every image run committed here, averages from
+the initial weights with ``d * shadow + (1 - d) * p``. Switching would change the EMA weights
+that every test bpd is computed from, and runs resumed across the switch would mix the two; it
+also keeps a deep copy of the whole module (solver records and buffers included) where only the
+parameters are needed.
 """
 from __future__ import annotations
 
