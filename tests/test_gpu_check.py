@@ -39,3 +39,13 @@ def test_gpu_check_cpu_smoke_end_to_end(tmp_path):
     assert mnist["seconds_per_step"] == pytest.approx(4 * mnist["seconds_per_micro_batch"])
     phases = report["step_cost"]["g_evaluations_per_block"]
     assert phases["forward_solve"] >= 1 and phases["logdet_estimator"] > 1 and phases["backward"] > 0
+
+
+def test_every_smoke_model_builds_and_keeps_its_preset_layout():
+    from monoflow.images.gpu_check import _smoke_overrides
+    from monoflow.models.image import image_flow
+
+    for preset in PAPER_RUNS:
+        model = image_flow(preset, **_smoke_overrides(preset))
+        assert model.config.image_shape == get_image_preset(preset).model.image_shape
+        assert model.config.dequantization == get_image_preset(preset).model.dequantization

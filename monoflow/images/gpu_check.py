@@ -45,7 +45,7 @@ GPU_MEMORY_GB = 80.0
 
 #: the shrunken models of --cpu-smoke (every preset keeps its layout and data shape)
 SMOKE_OVERRIDES = {"blocks": None, "growth": 8, "fc_blocks": 1, "fc_first": 8, "fc_growth": 8, "vardeq_hidden": 16,
-                   "vardeq_blocks": 1, "vardeq_cond_channels": 8}
+                   "vardeq_blocks": 1, "vardeq_cond_channels": 16}
 
 
 def _smoke_overrides(preset: str) -> dict:
