@@ -470,3 +470,28 @@ def test_lipschitz_chain_jacobian_equals_autograd(float64):
         g.jacobian(torch.randn(2, 3, 1))
     with pytest.raises(ValueError, match="Dropout"):
         LipschitzChain(torch.nn.Dropout()).jacobian(w)
+
+
+@pytest.mark.parametrize("stride,padding,size", [(1, 1, (4, 4)), (1, 0, (5, 6)), (2, 1, (5, 5))])
+def test_dense_conv_norm_is_the_operator_norm_and_tighter_than_fft(stride, padding, size):
+    from monoflow.lipschitz import conv_operator_norm_exact
+
+    torch.manual_seed(7)
+    weight = torch.randn(5, 3, 3, 3, dtype=F64)
+    exact = torch.linalg.matrix_norm(conv_matrix(weight, size, stride, padding), 2).item()  # independent oracle
+    dense = conv_operator_norm_exact(weight, size, (padding, padding), stride)
+    assert dense == pytest.approx(exact, rel=1e-8) and dense >= exact
+    assert dense <= conv_operator_norm_bound(weight, size, (padding, padding)) * (1 + 1e-9)
+    assert conv_operator_norm_exact(weight, size, (padding, padding), stride, limit=10) is None  # too large
+
+
+def test_small_conv_layers_certify_below_one_where_the_fft_bound_does_not():
+    """4x4 inputs: the FFT bound of a layer normalised to 0.98 exceeds 1, its exact norm does not."""
+    torch.manual_seed(8)
+    layer = SpectralNormConv2d(16, 16, 3, coeff=0.98, input_size=(4, 4)).double()
+    layer.power_iteration(tol=1e-12, max_iterations=20_000)
+    weight = layer.normalized_weight().detach()
+    exact = torch.linalg.matrix_norm(conv_matrix(weight, (4, 4), 1, 1), 2).item()
+    assert exact == pytest.approx(0.98, rel=1e-6)
+    assert conv_operator_norm_bound(weight, (4, 4), (1, 1)) > 1.0  # the loose circular bound
+    assert layer.lipschitz_bound() == pytest.approx(exact, rel=1e-8) and layer.lipschitz_bound() < 1.0
