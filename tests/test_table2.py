@@ -209,3 +209,23 @@ def test_compare_models_pairs_runs_of_equal_length_only():
     (only,) = compare_models(table, "monotone", "idensenet")  # e has no common length
     assert only["dataset"] == "d" and only["steps"] == 2000 and only["gap"] == pytest.approx(0.05)
     assert only["standard_error"] == pytest.approx(np.sqrt(0.01**2 / 3 + 0.02**2 / 3))
+
+
+def test_recertify_writes_the_certificate_of_the_recorded_model_only(tmp_path):
+    from monoflow.images import train_image_flow
+    from monoflow.images.training import load_ema_model, recertify_run
+
+    kw = dict(run_dir=str(tmp_path), progress=False, device="cpu", model_overrides=TINY,
+              train_data=_synthetic(24, 0), test_data=_synthetic(8, 1),
+              training_overrides=dict(batch_size=8, log_every=1, checkpoint_every=100, eval_every=0,
+                                      n_eval_draws=1, eval_batch_size=8, n_samples=0, warmup_iterations=1))
+    train_image_flow("digits", iterations=2, **kw)
+    record = recertify_run(tmp_path)
+    expected = max(c.bound for c in certify_lipschitz(load_ema_model(tmp_path, torch.device("cpu"))))
+    assert record["metrics"]["lipschitz_bound_max"] == pytest.approx(expected)
+    assert json.loads((tmp_path / "run.json").read_text())["metrics"]["lipschitz_certified_by"]["git_commit"]
+    record = json.loads((tmp_path / "run.json").read_text())
+    record["iterations"] = 5  # a record that is not the checkpoint's model
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="records 5 steps but there is a checkpoint at step 2"):
+        recertify_run(tmp_path)

@@ -174,6 +174,15 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certify(args: argparse.Namespace) -> int:
+    from monoflow.images.training import recertify_run
+
+    record = recertify_run(_run_dir(args))
+    metrics = record["metrics"]
+    print(json.dumps({k: metrics[k] for k in ("lipschitz_bound_max", "lipschitz_all_below_one")}, indent=2))
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     from monoflow.models.image import count_parameters, get_image_preset, image_flow, list_image_presets
 
@@ -230,6 +239,10 @@ def register(subparsers) -> None:
     sample.add_argument("--sample-seed", type=int, default=0)
     sample.add_argument("--out", default=None, help="PNG path (default: in the run folder)")
     sample.set_defaults(handler=_sample)
+
+    certify = sub.add_parser("certify", help="recompute a finished run's Lipschitz certificates into its run.json")
+    _add_run_arguments(certify)
+    certify.set_defaults(handler=_certify)
 
     presets = sub.add_parser("presets", help="list the presets")
     presets.add_argument("--params", action="store_true", help="also build each model and count its parameters")

@@ -48,7 +48,7 @@ from monoflow.images.results import provenance, run_directory, write_json
 from monoflow.images.sampling import save_image_grid
 
 __all__ = ["apply_precision_policy", "train_image_flow", "build_run", "peak_memory_mb", "augment_batch",
-           "load_ema_model"]
+           "load_ema_model", "recertify_run"]
 
 
 def apply_precision_policy(allow_tf32: bool = False) -> Dict[str, Any]:
@@ -125,6 +125,36 @@ def load_ema_model(run_dir: Path, device: torch.device) -> ImageFlow:
     ema.copy_to(model)
     prepare_for_evaluation(model)
     return model.eval()
+
+
+def recertify_run(run_dir: Path) -> Dict[str, Any]:
+    """Recompute the Lipschitz certificates of a finished run's EMA model from its checkpoint and
+    write them into its ``run.json`` (``metrics.lipschitz_bound_max``, ``lipschitz_all_below_one``,
+    ``lipschitz_certified_by``: the code version and time), e.g. after the certificate got tighter.
+    Returns the updated record."""
+    from monoflow.images.checkpoint import read_record
+    from monoflow.provenance import provenance as base_provenance
+
+    run_dir = Path(run_dir)
+    record = read_record(run_dir / "run.json")
+    state = load_checkpoint(run_dir, map_location="cpu")
+    if state is None or state["step"] != record.get("iterations"):
+        found = "no checkpoint" if state is None else f"a checkpoint at step {state['step']}"
+        raise ValueError(f"{run_dir}: run.json records {record.get('iterations')} steps but there is {found}; "
+                         "certify a run only from the checkpoint its record was made from")
+    model = load_ema_model(run_dir, torch.device("cpu"))
+    certificates = certify_lipschitz(model)
+    if not certificates:
+        raise ValueError(f"{run_dir}: the model has no network whose Lipschitz constant can be certified")
+    origin = base_provenance(torch.device("cpu"))
+    record.setdefault("metrics", {}).update({
+        "lipschitz_bound_max": max(c.bound for c in certificates),
+        "lipschitz_all_below_one": all(c.holds for c in certificates),
+        "lipschitz_certified_by": {k: origin.get(k) for k in ("git_commit", "monoflow_version", "created")
+                                   if k in origin},
+    })
+    write_json(record, run_dir / "run.json")
+    return record
 
 
 def train_image_flow(
