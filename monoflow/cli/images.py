@@ -25,12 +25,12 @@ __all__ = ["register"]
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True, help="preset name (see 'monoflow images presets')")
     p.add_argument("--model", default=None,
-                   help="monotone | idensenet | residual-cpila | monotone-clipswish (default: the preset's)")
+                   help="monotone | idensenet | resflow | residual-cpila | monotone-clipswish (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", type=Path, default=Path("results"),
                    help="results root (default: results); runs go to OUTPUT/images/<preset>/<model>/seed<k>")
     p.add_argument("--results-dir", default=None, help=argparse.SUPPRESS)  # deprecated: the images folder itself
-    p.add_argument("--data-root", default=None, help="folder with the data set (not needed for digits)")
+    p.add_argument("--data-root", default=None, help="folder with the data set (not needed for digits and mnist5k)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images only")
