@@ -48,7 +48,7 @@ from monoflow.images.results import provenance, run_directory, write_json
 from monoflow.images.sampling import save_image_grid
 
 __all__ = ["apply_precision_policy", "train_image_flow", "build_run", "peak_memory_mb", "augment_batch",
-           "load_ema_model", "recertify_run"]
+           "load_ema_model", "recertify_run", "certificate_summary"]
 
 
 def apply_precision_policy(allow_tf32: bool = False) -> Dict[str, Any]:
@@ -108,9 +108,11 @@ def _check_training_config(training: Any) -> None:
         raise ValueError(f"iterations must be a positive number of optimiser steps, got {training.iterations}")
 
 
-def load_ema_model(run_dir: Path, device: torch.device) -> ImageFlow:
-    """The EMA model of a run's checkpoint (power iterations converged, eval mode)."""
-    state = load_checkpoint(run_dir, map_location=device)
+def load_ema_model(run_dir: Path, device: torch.device, state: Optional[Dict[str, Any]] = None) -> ImageFlow:
+    """The EMA model of a run's checkpoint (power iterations converged, eval mode); ``state``: the
+    checkpoint already loaded (on the CPU or ``device``), to read it only once."""
+    if state is None:
+        state = load_checkpoint(run_dir, map_location=device)
     if state is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}; train first (monoflow images train ...)")
     from monoflow.models.image import ImageFlowConfig
@@ -127,12 +129,21 @@ def load_ema_model(run_dir: Path, device: torch.device) -> ImageFlow:
     return model.eval()
 
 
+def certificate_summary(model: torch.nn.Module) -> Dict[str, Any]:
+    """``lipschitz_bound_max`` and ``lipschitz_all_below_one`` of a model's certificates
+    (:func:`~monoflow.lipschitz.certify_lipschitz`); empty if no network can be certified."""
+    certificates = certify_lipschitz(model)
+    if not certificates:
+        return {}
+    return {"lipschitz_bound_max": max(c.bound for c in certificates),
+            "lipschitz_all_below_one": all(c.holds for c in certificates)}
+
+
 def recertify_run(run_dir: Path) -> Dict[str, Any]:
     """Recompute the Lipschitz certificates of a finished run's EMA model from its checkpoint and
     write them into its ``run.json`` (``metrics.lipschitz_bound_max``, ``lipschitz_all_below_one``,
     ``lipschitz_certified_by``: the code version and time), e.g. after the certificate got tighter.
     Returns the updated record."""
-    from monoflow.images.checkpoint import read_record
     from monoflow.provenance import provenance as base_provenance
 
     run_dir = Path(run_dir)
@@ -142,14 +153,12 @@ def recertify_run(run_dir: Path) -> Dict[str, Any]:
         found = "no checkpoint" if state is None else f"a checkpoint at step {state['step']}"
         raise ValueError(f"{run_dir}: run.json records {record.get('iterations')} steps but there is {found}; "
                          "certify a run only from the checkpoint its record was made from")
-    model = load_ema_model(run_dir, torch.device("cpu"))
-    certificates = certify_lipschitz(model)
-    if not certificates:
+    summary = certificate_summary(load_ema_model(run_dir, torch.device("cpu"), state))
+    if not summary:
         raise ValueError(f"{run_dir}: the model has no network whose Lipschitz constant can be certified")
     origin = base_provenance(torch.device("cpu"))
     record.setdefault("metrics", {}).update({
-        "lipschitz_bound_max": max(c.bound for c in certificates),
-        "lipschitz_all_below_one": all(c.holds for c in certificates),
+        **summary,
         "lipschitz_certified_by": {k: origin.get(k) for k in ("git_commit", "monoflow_version", "created")
                                    if k in origin},
     })
@@ -439,16 +448,14 @@ def _evaluate(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageAr
         if isinstance(getattr(module, "last_solves", None), dict):
             module.last_solves.clear()
     power_iterations = prepare_for_evaluation(model)
-    certificates = certify_lipschitz(model) if ctx.is_main else []
+    certificates = certificate_summary(model) if ctx.is_main else {}
     if density:
         out = evaluate_bpd(model, test_data, ctx, batch_size=training.eval_batch_size,
                            n_draws=training.n_eval_draws, seed=batch_seed(seed, 4), limit=limit)
     else:
         out = evaluate_accuracy(model, test_data, ctx, batch_size=training.eval_batch_size, limit=limit)
     out["power_iterations_to_converge"] = power_iterations
-    if certificates:
-        out["lipschitz_bound_max"] = max(c.bound for c in certificates)
-        out["lipschitz_all_below_one"] = all(c.holds for c in certificates)
+    out.update(certificates)
     if samples_to is not None and density and training.n_samples > 0:
         gen = torch.Generator().manual_seed(batch_seed(seed, 5))
         images = model.sample(training.n_samples, generator=gen)
