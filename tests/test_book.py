@@ -31,10 +31,8 @@ from monoflow.book import (
     execute_notebook,
     external_resources,
     notebook_parameters,
-    repository_root,
-    results_provenance,
-    session_machines,
 )
+from monoflow.notebooks import repository_root, results_provenance, session_machines
 
 ROOT = repository_root()
 CHAPTERS = [spec.name for spec in NOTEBOOKS]

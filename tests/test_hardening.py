@@ -551,7 +551,7 @@ def _defaults(name: str) -> dict:
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
 def test_declared_parameters_are_the_notebooks_own(name):
-    from monoflow.notebook_parameters import declared_names
+    from monoflow.notebooks.parameters import declared_names
 
     assert sorted(declared_names(name)) == sorted(_defaults(name))
 
@@ -564,7 +564,7 @@ def test_each_notebook_checks_its_parameters_first(name):
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
 def test_the_notebooks_defaults_pass(name):
-    from monoflow.notebook_parameters import check_parameters
+    from monoflow.notebooks.parameters import check_parameters
 
     check_parameters(name, _defaults(name))  # reads the committed results where it reads any
 
@@ -593,7 +593,7 @@ def _injected(name: str, **values) -> dict:
     ("05_speed", {"benchmarks_dir": 3}, "benchmarks_dir must be a folder path"),
 ])
 def test_bad_notebook_parameters_are_clear_errors(name, values, message):
-    from monoflow.notebook_parameters import check_parameters
+    from monoflow.notebooks.parameters import check_parameters
 
     with pytest.raises(ValueError) as error:
         check_parameters(name, _injected(name, **values))
@@ -606,7 +606,7 @@ def test_bad_notebook_parameters_are_clear_errors(name, values, message):
     ("04_images", {}),
 ])
 def test_a_selection_without_finished_runs_stops_the_notebook(tmp_path, name, values):
-    from monoflow.notebook_parameters import check_parameters
+    from monoflow.notebooks.parameters import check_parameters
 
     with pytest.raises(ValueError, match="no finished .* in"):
         check_parameters(name, _injected(name, results_dir=str(tmp_path), **values))
@@ -742,9 +742,9 @@ def test_the_chapters_tabulate_the_certificates_and_count_the_runs_without(tmp_p
     import pandas as pd
     from IPython.display import Markdown
 
-    from monoflow.book import html_table
     from monoflow.experiments import regression_config, toy_config
     from monoflow.experiments.results import find_runs, lipschitz_certificates, rerun_commands
+    from monoflow.notebooks import html_table
 
     toy = name.startswith("03")
     build = (lambda seed: toy_config("quick", dataset="moons", model="monotone", seed=seed)) if toy else \

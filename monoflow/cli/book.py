@@ -28,7 +28,7 @@ def _check_declared(overrides: Dict[str, Any], notebooks: List[str]) -> None:
     """Refuse a ``--set NAME=...`` that none of the notebooks to run declares (papermill would drop it)."""
     import difflib
 
-    from monoflow.notebook_parameters import declared_names
+    from monoflow.notebooks.parameters import declared_names
 
     declared = {name: declared_names(name) for name in notebooks}
     known = sorted({parameter for names in declared.values() for parameter in names})
