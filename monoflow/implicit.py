@@ -70,6 +70,82 @@ def _needs_graph(b: Tensor, g: nn.Module) -> bool:
     return b.requires_grad or any(p.requires_grad for p in g.parameters())
 
 
+def _checked_options(sign: float, forward: Optional[SolverOptions],
+                     adjoint: Optional[SolverOptions]) -> Tuple[SolverOptions, SolverOptions]:
+    """The forward and adjoint settings, defaults where ``None``, after checking the sign and that
+    the adjoint (a linear solve) does not ask for the ``"scalar"`` method."""
+    if sign not in (1.0, -1.0, 1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    forward = forward or DEFAULT_FORWARD
+    adjoint = adjoint or DEFAULT_ADJOINT
+    if adjoint.method == "scalar":
+        raise ValueError("the adjoint solve is linear: use method 'direct', 'anderson' or 'picard' for it, not 'scalar'")
+    return forward, adjoint
+
+
+def _evaluate_at_solution(g: nn.Module, z_star: Tensor, adjoint: SolverOptions, jacobian_cache: Optional[dict],
+                          jacobian_at_solution: bool) -> Tuple[Tensor, Tensor, Optional[dict]]:
+    """``(z_leaf, g(z_leaf), jacobian_cache)``: one evaluation of g at the solution, with graph.
+
+    It carries the graph to b and the parameters; its dependence on ``z_leaf`` serves the
+    vector-Jacobian products of an iterative adjoint. With ``jacobian_at_solution`` and a direct
+    adjoint it also leaves the detached Jacobian in ``jacobian_cache`` (a new dict if ``None``).
+    """
+    take_jacobian = (jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian")
+                     and z_star.dim() == 2)
+    # of a scalar map, one vector-Jacobian product is the whole (1 x 1) Jacobian, cheaper than
+    # propagating it forward through the layers
+    scalar_jacobian = take_jacobian and z_star.shape[1] == 1
+    z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct" or scalar_jacobian)
+    if scalar_jacobian:
+        g_star = g(z_leaf)
+        (slope,) = torch.autograd.grad(g_star, z_leaf, torch.ones_like(g_star), retain_graph=True)
+        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
+        jacobian_cache["jacobian"] = slope.detach().unsqueeze(-1)
+    elif take_jacobian:
+        g_star, J = g.jacobian(z_leaf)
+        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
+        jacobian_cache["jacobian"] = J.detach()
+    else:
+        g_star = g(z_leaf)
+    return z_leaf, g_star, jacobian_cache
+
+
+def _adjoint_hook(g: nn.Module, z_star: Tensor, z_leaf: Tensor, g_star: Tensor, sign: float,
+                  adjoint: SolverOptions, jacobian_cache: Optional[dict],
+                  record: StatsSink) -> Callable[[Optional[Tensor]], Optional[Tensor]]:
+    r"""The gradient hook of ``z = b - s g(z*)``: it replaces the incoming gradient v by the
+    adjoint solution u of :math:`u = v - s J^\top u` (direct, or by fixed-point iteration on
+    vector-Jacobian products of ``g_star`` at ``z_leaf``), which autograd then sends on to b and,
+    through ``g_star``, to the parameters."""
+
+    def adjoint_hook(v: Optional[Tensor]) -> Optional[Tensor]:
+        if v is None:
+            return None
+        batch = v.shape[0]
+
+        def adjoint_step(u: Tensor, index: Optional[Tensor]) -> Tensor:
+            if index is None:
+                full = u
+            else:
+                full = torch.zeros_like(v)
+                full[index] = u
+            (vjp,) = torch.autograd.grad(g_star, z_leaf, full, retain_graph=True)
+            out = v - sign * vjp
+            return out if index is None else out[index]
+
+        if adjoint.method == "direct":
+            u, adjoint_info = _direct_adjoint(g, z_star, v, sign, jacobian_cache)
+        else:
+            scale = v.reshape(batch, -1).norm(dim=1)
+            u, adjoint_info = fixed_point_solve(adjoint_step, v, adjoint, scale=scale)
+        if record is not None:
+            record("adjoint", adjoint_info)
+        return u
+
+    return adjoint_hook
+
+
 def solve_resolvent(
     g: nn.Module,
     b: Tensor,
@@ -104,18 +180,15 @@ def solve_resolvent(
     Returns:
         z, differentiable with respect to ``b`` and the parameters of g.
     """
-    if sign not in (1.0, -1.0, 1, -1):
-        raise ValueError(f"sign must be +1 or -1, got {sign}")
-    forward = forward or DEFAULT_FORWARD
-    adjoint = adjoint or DEFAULT_ADJOINT
-    if adjoint.method == "scalar":
-        raise ValueError("the adjoint solve is linear: use method 'direct', 'anderson' or 'picard' for it, not 'scalar'")
+    forward, adjoint = _checked_options(sign, forward, adjoint)
     b_const = b.detach()
 
     def step(z: Tensor, index: Optional[Tensor]) -> Tensor:
         rhs = b_const if index is None else b_const[index]
         return rhs - sign * g(z)
 
+    # the solvers are called from here, not from a helper: their failure warnings' stacklevel
+    # points at the caller of this function
     with torch.no_grad():
         if forward.method == "scalar":
             z_star, info = scalar_resolvent_solve(g, b_const, sign, forward)
@@ -126,52 +199,10 @@ def solve_resolvent(
     if not _needs_graph(b, g):
         return z_star
 
-    # One evaluation of g at the solution carries the graph to b and the parameters; its
-    # dependence on z_leaf serves the vector-Jacobian products of the adjoint solve.
-    take_jacobian = (jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian")
-                     and z_star.dim() == 2)
-    # of a scalar map, one vector-Jacobian product is the whole (1 x 1) Jacobian, cheaper than
-    # propagating it forward through the layers
-    scalar_jacobian = take_jacobian and z_star.shape[1] == 1
-    z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct" or scalar_jacobian)
-    if scalar_jacobian:
-        g_star = g(z_leaf)
-        (slope,) = torch.autograd.grad(g_star, z_leaf, torch.ones_like(g_star), retain_graph=True)
-        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
-        jacobian_cache["jacobian"] = slope.detach().unsqueeze(-1)
-    elif take_jacobian:
-        g_star, J = g.jacobian(z_leaf)
-        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
-        jacobian_cache["jacobian"] = J.detach()
-    else:
-        g_star = g(z_leaf)
+    z_leaf, g_star, jacobian_cache = _evaluate_at_solution(g, z_star, adjoint, jacobian_cache,
+                                                           jacobian_at_solution)
     z = b - sign * g_star
-
-    def adjoint_hook(v: Optional[Tensor]) -> Optional[Tensor]:
-        if v is None:
-            return None
-        batch = v.shape[0]
-
-        def adjoint_step(u: Tensor, index: Optional[Tensor]) -> Tensor:
-            if index is None:
-                full = u
-            else:
-                full = torch.zeros_like(v)
-                full[index] = u
-            (vjp,) = torch.autograd.grad(g_star, z_leaf, full, retain_graph=True)
-            out = v - sign * vjp
-            return out if index is None else out[index]
-
-        if adjoint.method == "direct":
-            u, adjoint_info = _direct_adjoint(g, z_star, v, sign, jacobian_cache)
-        else:
-            scale = v.reshape(batch, -1).norm(dim=1)
-            u, adjoint_info = fixed_point_solve(adjoint_step, v, adjoint, scale=scale)
-        if record is not None:
-            record("adjoint", adjoint_info)
-        return u
-
-    z.register_hook(adjoint_hook)
+    z.register_hook(_adjoint_hook(g, z_star, z_leaf, g_star, sign, adjoint, jacobian_cache, record))
     # Return a view: vector-Jacobian products taken *with respect to* the returned tensor (the
     # log-det estimators differentiate g at it) must not trigger the adjoint hook; only gradients
     # flowing back through it to b and the parameters do.

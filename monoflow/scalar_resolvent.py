@@ -53,6 +53,35 @@ def _bracketing_table(h: Callable[[Tensor], Tensor], b: Tensor, points: int) -> 
     )
 
 
+def _grid_brackets(grid: Tensor, table: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(z_left, z_right, r_left, r_right)``: each right-hand side's grid interval and the residuals
+    h(z) - b at its ends (``r_left <= 0 <= r_right``)."""
+    right = torch.searchsorted(table.contiguous(), rhs.contiguous()).clamp(1, grid.shape[0] - 1)
+    z_left, z_right = grid[right - 1], grid[right]
+    r_left, r_right = table[right - 1] - rhs, table[right] - rhs
+    return z_left, z_right, r_left, r_right
+
+
+def _false_position(z_left: Tensor, z_right: Tensor, r_left: Tensor, r_right: Tensor) -> Tensor:
+    """The zero of the secant through the bracket's ends (its midpoint where that is not finite)."""
+    z = z_left - r_left * (z_right - z_left) / (r_right - r_left)
+    return torch.where(torch.isfinite(z), z, 0.5 * (z_left + z_right))
+
+
+def _illinois_update(z: Tensor, r: Tensor, z_left: Tensor, z_right: Tensor, r_left: Tensor, r_right: Tensor,
+                     last_side: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The brackets ``(z_left, z_right, r_left, r_right, last_side)`` after a step to z with residual
+    r = h(z) - b: z replaces the end whose residual has the sign of r."""
+    below = r < 0
+    # Illinois: an end kept twice in a row has its residual halved, so it cannot stall
+    r_right = torch.where(below & (last_side == -1), 0.5 * r_right, r_right)
+    r_left = torch.where(~below & (last_side == 1), 0.5 * r_left, r_left)
+    z_left, r_left = torch.where(below, z, z_left), torch.where(below, r, r_left)
+    z_right, r_right = torch.where(below, z_right, z), torch.where(below, r_right, r)
+    last_side = torch.where(below, -1, 1).to(torch.int8)
+    return z_left, z_right, r_left, r_right, last_side
+
+
 def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float,
                            options: SolverOptions) -> tuple[Tensor, SolverInfo]:
     """Solve :math:`z + s\\,g(z) = b` for a batch of one-element samples (no autograd).
@@ -87,9 +116,7 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
 
     points = max(2, min(options.table_points, batch))
     grid, table, evaluations = _bracketing_table(h, rhs, points)
-    right = torch.searchsorted(table.contiguous(), rhs.contiguous()).clamp(1, points - 1)
-    z_left, z_right = grid[right - 1], grid[right]
-    r_left, r_right = table[right - 1] - rhs, table[right] - rhs
+    z_left, z_right, r_left, r_right = _grid_brackets(grid, table, rhs)
 
     solution = torch.empty_like(rhs)
     residual = torch.full_like(rhs, float("inf"))
@@ -99,8 +126,7 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
     # which end the last step replaced: -1 left, +1 right, 0 none yet (for the Illinois rule)
     last_side = torch.zeros(batch, dtype=torch.int8, device=rhs.device)
     for _ in range(options.max_iterations):
-        z = z_left - r_left * (z_right - z_left) / (r_right - r_left)
-        z = torch.where(torch.isfinite(z), z, 0.5 * (z_left + z_right))
+        z = _false_position(z_left, z_right, r_left, r_right)
         f_z = rhs - signed_g(z)
         evaluations += 1
         r = z - f_z  # h(z) - b
@@ -109,13 +135,8 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
         solution[active], residual[active], converged[active] = f_z, r.abs(), done
         if bool(done.all()):
             break
-        below = r < 0
-        # Illinois: an end kept twice in a row has its residual halved, so it cannot stall
-        r_right = torch.where(below & (last_side == -1), 0.5 * r_right, r_right)
-        r_left = torch.where(~below & (last_side == 1), 0.5 * r_left, r_left)
-        z_left, r_left = torch.where(below, z, z_left), torch.where(below, r, r_left)
-        z_right, r_right = torch.where(below, z_right, z), torch.where(below, r_right, r)
-        last_side = torch.where(below, -1, 1).to(torch.int8)
+        z_left, z_right, r_left, r_right, last_side = _illinois_update(z, r, z_left, z_right, r_left, r_right,
+                                                                       last_side)
         keep = ~done
         active, rhs = active[keep], rhs[keep]
         z_left, z_right, r_left, r_right, last_side = (

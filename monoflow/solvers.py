@@ -206,6 +206,113 @@ def _anderson_step(X: Tensor, F: Tensor, count: int, regularization: float) -> T
     return (alpha.transpose(1, 2).to(F.dtype) @ F[:, :count]).squeeze(1)
 
 
+def _check_solvable(options: SolverOptions, z0: Tensor) -> None:
+    """Reject the methods that are not fixed-point iterations and an empty batch."""
+    if options.method == "direct":
+        raise ValueError("method='direct' needs a dense Jacobian: it is only for adjoint solves")
+    if options.method == "scalar":
+        raise ValueError("method='scalar' tabulates z + s g(z): it is only for resolvent solves "
+                         "(monoflow.implicit.solve_resolvent) of one element per sample")
+    if z0.dim() < 1 or z0.shape[0] == 0:
+        raise ValueError(f"fixed_point_solve needs a batch of at least one sample, got shape {tuple(z0.shape)}")
+
+
+def _converged(res: Tensor, reference: Tensor, atol: float, rtol: float, n: int) -> Tensor:
+    """The per-sample stopping test ``res <= atol sqrt(n) + rtol reference``, false where a norm is
+    not finite."""
+    # an overflowing norm makes the test vacuous (inf <= inf, or r <= rtol * inf): not converged,
+    # unless the iterate is an exact fixed point
+    return torch.isfinite(res) & ((res == 0) | (torch.isfinite(reference)
+                                                & (res <= atol * math.sqrt(n) + rtol * reference)))
+
+
+class _Iteration:
+    """The state of one batched fixed-point iteration.
+
+    The outputs (``solution``, ``residual``, ``iterations``, ``converged``) cover the whole batch;
+    the iterate ``x`` and the Anderson histories ``X``, ``F`` cover only the ``active`` samples,
+    compacted whenever samples converge (with ``freeze_converged``). Without it every row stays
+    active and ``held`` marks the rows frozen at their converged iterate.
+    """
+
+    def __init__(self, z0: Tensor, options: SolverOptions) -> None:
+        batch = z0.shape[0]
+        device = z0.device
+        self.options = options
+        self.batch = batch
+        self.sample_shape = z0.shape[1:]
+        self.n = max(1, math.prod(self.sample_shape))
+        self.solution = z0.detach().clone()
+        self.residual = torch.full((batch,), float("inf"), device=device, dtype=z0.dtype)
+        self.iterations = torch.zeros(batch, dtype=torch.long, device=device)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.active = torch.arange(batch, device=device)
+        self.m = options.history if options.method == "anderson" else 1
+        self.X = torch.zeros(batch, self.m, self.n, dtype=z0.dtype, device=device)
+        self.F = torch.zeros_like(self.X)
+        self.x = z0.detach().reshape(batch, self.n)
+        self.evaluations = 0
+        self.held = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def evaluate(self, f: Callable[[Tensor, Optional[Tensor]], Tensor]) -> tuple[Optional[Tensor], Tensor]:
+        """``(index, f(x))`` on the active samples, flattened (index ``None``: the whole batch)."""
+        count = self.active.numel()
+        index = None if count == self.batch else self.active
+        fx = f(self.x.reshape((count,) + self.sample_shape), index).detach().reshape(count, self.n)
+        self.evaluations += 1
+        return index, fx
+
+    def record(self, fx: Tensor, res: Tensor, done: Tensor, index: Optional[Tensor]) -> Tensor:
+        """Write this iteration's outputs of the samples that moved; returns which samples are done."""
+        if not self.options.freeze_converged:
+            # every row is evaluated, but rows that converged are held at their converged
+            # iterate (their outputs and diagnostics are those of that iteration)
+            moving = ~self.held
+            self.iterations[moving] += 1
+            self.solution[moving] = fx[moving].reshape((-1,) + self.sample_shape)
+            self.residual[moving], self.converged[moving] = res[moving], done[moving]
+            self.held = self.held | done
+            return self.held
+        if index is None:
+            self.iterations += 1
+            self.solution = fx.reshape(self.solution.shape)
+            self.residual, self.converged = res, done
+        else:
+            active = self.active
+            self.iterations[active] += 1
+            self.solution[active] = fx.reshape((active.numel(),) + self.sample_shape)
+            self.residual[active] = res
+            self.converged[active] = done
+        return done
+
+    def drop(self, keep: Tensor, fx: Tensor, index: Optional[Tensor]) -> Tensor:
+        """Stop iterating the samples not in ``keep``; returns ``fx`` of the samples kept."""
+        self.active, self.x, fx, self.X, self.F = (self.active[keep], self.x[keep], fx[keep],
+                                                   self.X[keep], self.F[keep])
+        if index is None:  # from here on the outputs are written by index
+            self.solution, self.residual, self.converged = (self.solution.clone(), self.residual.clone(),
+                                                            self.converged.clone())
+        return fx
+
+    def advance(self, fx: Tensor, k: int) -> None:
+        """Store iteration ``k`` in the histories and take the next iterate (Picard or Anderson)."""
+        slot = k % self.m
+        self.X[:, slot] = self.x
+        self.F[:, slot] = fx
+        count = min(k + 1, self.m)
+        if self.options.method == "picard" or count < 2:
+            x = fx
+        else:
+            # ring buffer: the order of the stored iterates does not matter to the least squares
+            x = _anderson_step(self.X, self.F, count, self.options.regularization)
+            bad = ~torch.isfinite(x).all(dim=1)
+            if bool(bad.any()):
+                x[bad] = fx[bad]
+        if not self.options.freeze_converged and bool(self.held.any()):
+            x = torch.where(self.held[:, None], self.X[:, slot], x)
+        self.x = x
+
+
 def fixed_point_solve(
     f: Callable[[Tensor, Optional[Tensor]], Tensor],
     z0: Tensor,
@@ -226,82 +333,22 @@ def fixed_point_solve(
         ``(z, info)``: the last evaluated iterate :math:`f(z)` of each sample and its diagnostics.
     """
     options = options or SolverOptions()
-    if options.method == "direct":
-        raise ValueError("method='direct' needs a dense Jacobian: it is only for adjoint solves")
-    if options.method == "scalar":
-        raise ValueError("method='scalar' tabulates z + s g(z): it is only for resolvent solves "
-                         "(monoflow.implicit.solve_resolvent) of one element per sample")
-    if z0.dim() < 1 or z0.shape[0] == 0:
-        raise ValueError(f"fixed_point_solve needs a batch of at least one sample, got shape {tuple(z0.shape)}")
+    _check_solvable(options, z0)
     atol, rtol = resolve_tolerances(options, z0.dtype)
-    batch = z0.shape[0]
-    sample_shape = z0.shape[1:]
-    n = max(1, math.prod(sample_shape))
-    device = z0.device
-
-    solution = z0.detach().clone()
-    residual = torch.full((batch,), float("inf"), device=device, dtype=z0.dtype)
-    iterations = torch.zeros(batch, dtype=torch.long, device=device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=device)
-    active = torch.arange(batch, device=device)
-    m = options.history if options.method == "anderson" else 1
-    # histories of the active samples only, compacted whenever samples converge
-    X = torch.zeros(batch, m, n, dtype=z0.dtype, device=device)
-    F = torch.zeros_like(X)
-
-    x = z0.detach().reshape(batch, n)
-    evaluations = 0
-    # freeze_converged=False: every row is evaluated, but rows that converged are held at their
-    # converged iterate (their outputs and diagnostics are those of that iteration)
-    held = torch.zeros(batch, dtype=torch.bool, device=device)
+    state = _Iteration(z0, options)
     for k in range(options.max_iterations):
-        index = None if active.numel() == batch else active
-        fx = f(x.reshape((active.numel(),) + sample_shape), index).detach().reshape(active.numel(), n)
-        evaluations += 1
-        res = (fx - x).norm(dim=1)
-        reference = fx.norm(dim=1) if scale is None else scale[active]
-        # an overflowing norm makes the test vacuous (inf <= inf, or r <= rtol * inf): not converged,
-        # unless the iterate is an exact fixed point
-        done = torch.isfinite(res) & ((res == 0) | (torch.isfinite(reference)
-                                                    & (res <= atol * math.sqrt(n) + rtol * reference)))
-        if not options.freeze_converged:
-            moving = ~held
-            iterations[moving] += 1
-            solution[moving] = fx[moving].reshape((-1,) + sample_shape)
-            residual[moving], converged[moving] = res[moving], done[moving]
-            held = held | done
-            done = held
-        elif index is None:
-            iterations += 1
-            solution = fx.reshape(solution.shape)
-            residual, converged = res, done
-        else:
-            iterations[active] += 1
-            solution[active] = fx.reshape((active.numel(),) + sample_shape)
-            residual[active] = res
-            converged[active] = done
+        index, fx = state.evaluate(f)
+        res = (fx - state.x).norm(dim=1)
+        reference = fx.norm(dim=1) if scale is None else scale[state.active]
+        done = state.record(fx, res, _converged(res, reference, atol, rtol, state.n), index)
         if bool(done.all()):
             break
         if options.freeze_converged and bool(done.any()):
-            keep = ~done
-            active, x, fx, X, F = active[keep], x[keep], fx[keep], X[keep], F[keep]
-            if index is None:  # from here on the outputs are written by index
-                solution, residual, converged = solution.clone(), residual.clone(), converged.clone()
-        slot = k % m
-        X[:, slot] = x
-        F[:, slot] = fx
-        count = min(k + 1, m)
-        if options.method == "picard" or count < 2:
-            x = fx
-        else:
-            # ring buffer: the order of the stored iterates does not matter to the least squares
-            x = _anderson_step(X, F, count, options.regularization)
-            bad = ~torch.isfinite(x).all(dim=1)
-            if bool(bad.any()):
-                x[bad] = fx[bad]
-        if not options.freeze_converged and bool(held.any()):
-            x = torch.where(held[:, None], X[:, slot], x)
+            fx = state.drop(~done, fx, index)
+        state.advance(fx, k)
 
-    info = SolverInfo(iterations=iterations, residual=residual, converged=converged, evaluations=evaluations)
-    report_failure(info, options, atol, rtol, solution)
-    return solution, info
+    info = SolverInfo(iterations=state.iterations, residual=state.residual, converged=state.converged,
+                      evaluations=state.evaluations)
+    # called from here, not from a helper: the warning's stacklevel points at the solve's caller
+    report_failure(info, options, atol, rtol, state.solution)
+    return state.solution, info

@@ -240,12 +240,13 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the experiment subcommands to the ``monoflow`` command line."""
-    from monoflow.data.toy import TOY_DATASETS
-    from monoflow.experiments.config import REGRESSION_MODELS, TOY_MODELS
+_STOP_HELP = "stop with a checkpoint after this many iterations in total (rerun to resume)"
 
-    stop_help = "stop with a checkpoint after this many iterations in total (rerun to resume)"
+
+def _register_toy2d(subparsers: argparse._SubParsersAction) -> None:
+    """``monoflow toy2d``: one 2-D density run."""
+    from monoflow.data.toy import TOY_DATASETS
+    from monoflow.experiments.config import TOY_MODELS
 
     parser = subparsers.add_parser(
         "toy2d", help="train one 2-D toy density model (a cell of Table 1)",
@@ -259,8 +260,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "resflow (Residual Flow); default: monotone")
     _add_common(parser)
     _add_compile(parser)
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help=stop_help)
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help=_STOP_HELP)
     parser.set_defaults(handler=_toy2d)
+
+
+def _register_regression1d(subparsers: argparse._SubParsersAction) -> None:
+    """``monoflow regression1d``: one 1-D staircase run."""
+    from monoflow.experiments.config import REGRESSION_MODELS
 
     parser = subparsers.add_parser(
         "regression1d", help="fit one 1-D model to the staircase (a panel of Figure 4)",
@@ -271,8 +277,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="(a) residual, (b) residual_actnorm, (c) implicit_actnorm, (d) monotone_actnorm; "
                         "default: monotone_actnorm")
     _add_common(parser)
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help=stop_help)
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help=_STOP_HELP)
     parser.set_defaults(handler=_regression1d)
+
+
+def _register_table1(subparsers: argparse._SubParsersAction) -> None:
+    """``monoflow table1``: every 2-D run of Table 1, then the table."""
+    from monoflow.data.toy import TOY_DATASETS
+    from monoflow.experiments.config import TOY_MODELS
 
     parser = subparsers.add_parser(
         "table1", help="run every cell of Table 1 (2-D NLL) and write the table",
@@ -293,6 +305,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_compile(parser)
     parser.set_defaults(handler=_table1)
 
+
+def _register_figure4(subparsers: argparse._SubParsersAction) -> None:
+    """``monoflow figure4``: every 1-D run of Figure 4, then the table and the figure."""
+    from monoflow.experiments.config import REGRESSION_MODELS
+
     parser = subparsers.add_parser(
         "figure4", help="run the four 1-D models of Figure 4 and draw the figure",
         description="Fit every 1-D model x seed (finished runs are skipped, interrupted ones resume), then "
@@ -303,6 +320,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(parser, seeds=True)
     parser.set_defaults(handler=_figure4)
 
+
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    """``monoflow evaluate``: the test metric of a checkpoint on fresh data."""
     parser = subparsers.add_parser(
         "evaluate", help="recompute the test metric of a checkpoint on fresh data",
         description="Rebuild the model of a run from its checkpoint, test it on fresh data (2-D: NLL in "
@@ -316,6 +336,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(handler=_evaluate)
 
+
+def _register_sample(subparsers: argparse._SubParsersAction) -> None:
+    """``monoflow sample``: samples of a 2-D checkpoint."""
     parser = subparsers.add_parser(
         "sample", help="draw samples of a 2-D checkpoint (.npy and .png)",
         description="Rebuild a 2-D model from its checkpoint and draw samples x = F^-1(z), z ~ N(0, I); "
@@ -330,3 +353,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(handler=_sample)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the experiment subcommands to the ``monoflow`` command line."""
+    _register_toy2d(subparsers)
+    _register_regression1d(subparsers)
+    _register_table1(subparsers)
+    _register_figure4(subparsers)
+    _register_evaluate(subparsers)
+    _register_sample(subparsers)

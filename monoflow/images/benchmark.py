@@ -160,23 +160,14 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str] = None, batch_size: int = 16,
-              model_overrides: Optional[dict] = None, seed: int = 0) -> Dict[str, Any]:
-    r"""Where one training step's arithmetic goes, counted by ``torch.utils.flop_counter``.
-
-    FLOPs of matrix products and convolutions (elementwise work is not counted) of one
-    evaluation of every block's g, of the forward solves (no-grad forward), of the forward with
-    the log-det estimator (training mode), and of the backward pass. Each phase is also given in
-    *evaluations of g per block*: its FLOPs over those of one evaluation of every g. With the
-    step's measured time and the device's matrix-multiply throughput this gives the fraction of
-    the arithmetic limit the step reaches.
-    """
+def _step_cost_inputs(preset: str, model: Optional[str], device: Optional[str], batch_size: int,
+                      model_overrides: Optional[dict], seed: int):
+    """``(config, device, flow, k, noise, x)``: the seeded model of :func:`step_cost` and one batch of
+    random integer images k, their dequantisation noise and the dequantised images x."""
     from dataclasses import replace
 
     import torch
 
-    from monoflow.blocks import MonotoneBlock, ResidualBlock
-    from monoflow.lipschitz import update_lipschitz
     from monoflow.models.image import ImageFlow, get_image_preset
 
     spec = get_image_preset(preset)
@@ -188,6 +179,16 @@ def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str]
     k = torch.randint(0, config.n_levels, (batch_size, *config.image_shape), device=dev)
     noise = torch.rand(k.shape, device=dev)
     x = (k.float() + noise) / config.n_levels
+    return config, dev, flow, k, noise, x
+
+
+def _blocks_and_inputs(flow, x) -> tuple:
+    """``(blocks, inputs)``: the flow's monotone / residual blocks and the input each sees, from
+    one no-grad pass (which also initialises ActNorm and the power-iteration state)."""
+    import torch
+
+    from monoflow.blocks import MonotoneBlock, ResidualBlock
+
     blocks = [m for m in flow.modules() if isinstance(m, (MonotoneBlock, ResidualBlock))]
     inputs: Dict[int, Any] = {}
     hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, args[0].detach()))
@@ -196,19 +197,44 @@ def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str]
         flow(x, with_logdet=False)  # ActNorm initialisation, power-iteration state, block inputs
     for hook in hooks:
         hook.remove()
-    flow.train()
+    return blocks, inputs
 
-    def counted(fn):
-        with _flop_counting_mode() as counter:
-            result = fn()
-        return counter.flops, result
 
-    def timed(fn):  # without the counting mode, whose Python dispatch would dominate the time
-        _synchronize(dev)
-        start = time.perf_counter()
+def _counted(fn):
+    """``(FLOPs, fn())``: fn run under :func:`_flop_counting_mode`."""
+    with _flop_counting_mode() as counter:
         result = fn()
-        _synchronize(dev)
-        return time.perf_counter() - start, result
+    return counter.flops, result
+
+
+def _timed(fn, device):
+    """``(seconds, fn())``, synchronised; without the counting mode, whose Python dispatch would
+    dominate the time."""
+    _synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    _synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str] = None, batch_size: int = 16,
+              model_overrides: Optional[dict] = None, seed: int = 0) -> Dict[str, Any]:
+    r"""Where one training step's arithmetic goes, counted by ``torch.utils.flop_counter``.
+
+    FLOPs of matrix products and convolutions (elementwise work is not counted) of one
+    evaluation of every block's g, of the forward solves (no-grad forward), of the forward with
+    the log-det estimator (training mode), and of the backward pass. Each phase is also given in
+    *evaluations of g per block*: its FLOPs over those of one evaluation of every g. With the
+    step's measured time and the device's matrix-multiply throughput this gives the fraction of
+    the arithmetic limit the step reaches.
+    """
+    import torch
+
+    from monoflow.lipschitz import update_lipschitz
+
+    config, dev, flow, k, noise, x = _step_cost_inputs(preset, model, device, batch_size, model_overrides, seed)
+    blocks, inputs = _blocks_and_inputs(flow, x)
+    flow.train()
 
     def one_g_each():
         with torch.no_grad():
@@ -223,18 +249,14 @@ def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str]
     def loss():
         return flow.bits_per_dim(k, noise=noise).mean()
 
-    g_flops, _ = counted(one_g_each)
-    solve_flops, _ = counted(solve_only)
-    forward_flops, value = counted(loss)
-    backward_flops, _ = counted(value.backward)
-    solve_s, _ = timed(solve_only)
-    forward_s, value = timed(loss)
-    backward_s, _ = timed(value.backward)
-    _synchronize(dev)
-    start = time.perf_counter()
-    update_lipschitz(flow, tol=1e-3, max_iterations=200)
-    _synchronize(dev)
-    power_s = time.perf_counter() - start
+    g_flops, _ = _counted(one_g_each)
+    solve_flops, _ = _counted(solve_only)
+    forward_flops, value = _counted(loss)
+    backward_flops, _ = _counted(value.backward)
+    solve_s, _ = _timed(solve_only, dev)
+    forward_s, value = _timed(loss, dev)
+    backward_s, _ = _timed(value.backward, dev)
+    power_s, _ = _timed(lambda: update_lipschitz(flow, tol=1e-3, max_iterations=200), dev)
     step_flops = forward_flops + backward_flops
     step_s = forward_s + backward_s + power_s
     peak = matmul_flops_per_second(dev)

@@ -527,10 +527,18 @@ def _classification_training() -> ImageTrainingConfig:
     return replace(_DENSITY, random_flip=True, random_crop_padding=4, epochs=200)
 
 
-def _make_presets() -> Dict[str, ImagePreset]:
+_IMAGENET_NOTES = (
+    "The learnable concatenation trains from epoch 0 (the release's ImageNet setting). "
+    "Data: the npz batches of downsampled ImageNet (Chrabaszcz et al. 2017); the paper, "
+    "like Glow and Residual Flows, used the earlier 'downsampled ImageNet' of van den "
+    "Oord et al. 2016 (PNG archives), whose images were resized differently, so bpd "
+    "differs between the two variants (monoflow.data.images reads the npz variant).")
+
+
+def _table2_presets(cifar: ImageFlowConfig, cifar_train: ImageTrainingConfig, in32: ImageFlowConfig,
+                    in_train: ImageTrainingConfig) -> Dict[str, ImagePreset]:
+    """The Monotone Flow rows of the paper's Table 2: MNIST, CIFAR-10, ImageNet 32x32 and 64x64."""
     p: Dict[str, ImagePreset] = {}
-    cifar = ImageFlowConfig()
-    cifar_train = replace(_DENSITY, random_flip=True)
     p["mnist"] = ImagePreset(
         "mnist", "mnist",
         replace(cifar, image_shape=(1, 28, 28), logit_alpha=1e-6, memory_efficient=False),
@@ -546,30 +554,29 @@ def _make_presets() -> Dict[str, ImagePreset]:
         "Monotone Flow on CIFAR-10 (16-16-16, FC end, random flips; the paper used 4 GPUs)",
         paper_bpd=3.215, paper_params=24_894_430,
     )
-    in32 = replace(cifar, blocks=(32, 32, 32))
-    in_train = replace(_DENSITY, lr=0.004, batch_size=256, start_learnable_concat_epoch=0)
-    imagenet_notes = ("The learnable concatenation trains from epoch 0 (the release's ImageNet setting). "
-                      "Data: the npz batches of downsampled ImageNet (Chrabaszcz et al. 2017); the paper, "
-                      "like Glow and Residual Flows, used the earlier 'downsampled ImageNet' of van den "
-                      "Oord et al. 2016 (PNG archives), whose images were resized differently, so bpd "
-                      "differs between the two variants (monoflow.data.images reads the npz variant).")
     p["imagenet32"] = ImagePreset(
         "imagenet32", "imagenet32", in32, in_train,
         "Monotone Flow on ImageNet 32x32 (32-32-32, FC end, lr 0.004, batch 256; 8 GPUs in the paper)",
-        paper_bpd=3.961, paper_params=46_980_574, notes=imagenet_notes,
+        paper_bpd=3.961, paper_params=46_980_574, notes=_IMAGENET_NOTES,
     )
     p["imagenet64"] = ImagePreset(
         "imagenet64", "imagenet64",
         replace(in32, image_shape=(3, 64, 64), squeeze_first=True, factor_out=True), in_train,
         "Monotone Flow on ImageNet 64x64 (squeeze first, 32-32-32 with factor-out, FC end, lr 0.004, batch 256)",
-        paper_bpd=3.734, paper_params=48_907_888, notes=imagenet_notes,
+        paper_bpd=3.734, paper_params=48_907_888, notes=_IMAGENET_NOTES,
     )
+    return p
+
+
+def _ablation_presets(cifar: ImageFlowConfig, cifar_train: ImageTrainingConfig) -> Dict[str, ImagePreset]:
+    """The four rows of the CIFAR-10 ablation (block type x activation)."""
     ablation = [
         ("idensenet", 3.25, 24_894_586, "#1 CLipSwish + residual blocks (i-DenseNet)"),
         ("residual-cpila", None, 24_894_430, "#2 CPila + residual blocks"),
         ("monotone-clipswish", None, 24_894_586, "#3 CLipSwish + monotone blocks"),
         ("monotone", 3.215, 24_894_430, "#4 CPila + monotone blocks (Monotone Flow)"),
     ]
+    p: Dict[str, ImagePreset] = {}
     for row, (model, bpd, params, text) in enumerate(ablation, start=1):
         p[f"cifar10-ablation-{row}"] = ImagePreset(
             f"cifar10-ablation-{row}", "cifar10", cifar.with_model(model), cifar_train,
@@ -577,6 +584,13 @@ def _make_presets() -> Dict[str, ImagePreset]:
             notes="The slides print no ablation numbers; rows #1 and #4 carry the Table 2 entries "
                   "of i-DenseNet and Monotone Flow.",
         )
+    return p
+
+
+def _vardeq_presets(cifar: ImageFlowConfig, cifar_train: ImageTrainingConfig, in32: ImageFlowConfig,
+                    in_train: ImageTrainingConfig) -> Dict[str, ImagePreset]:
+    """The Table 2 rows with variational dequantisation: CIFAR-10 and ImageNet 32x32."""
+    p: Dict[str, ImagePreset] = {}
     p["cifar10-vardeq"] = ImagePreset(
         "cifar10-vardeq", "cifar10", replace(cifar, dequantization="variational"), cifar_train,
         "Monotone Flow + variational dequantisation on CIFAR-10 (3 conditional residual blocks on the noise)",
@@ -591,8 +605,14 @@ def _make_presets() -> Dict[str, ImagePreset]:
               "concatenation from epoch 2). That README also drops the FC end, but then the model has "
               "66,169,512 parameters, not the 69.0M the paper prints; with the FC end it has "
               "68,977,792 (46,980,574 + 3 x 7,332,406), so we keep the FC end and follow the paper's "
-              "architecture (--set fc_end=False gives the README's). " + imagenet_notes,
+              "architecture (--set fc_end=False gives the README's). " + _IMAGENET_NOTES,
     )
+    return p
+
+
+def _classification_presets(cifar: ImageFlowConfig) -> Dict[str, ImagePreset]:
+    """CIFAR-10 classification: three sizes x (Monotone Flow, i-DenseNet), cross-entropy only."""
+    p: Dict[str, ImagePreset] = {}
     sizes = {"tiny": (1, 1, 1), "small": (4, 4, 4), "large": (16, 16, 16)}
     for size, blocks in sizes.items():
         for model in ("monotone", "idensenet"):
@@ -604,10 +624,15 @@ def _make_presets() -> Dict[str, ImagePreset]:
                 f"CIFAR-10 classification, {size} ({'-'.join(map(str, blocks))} blocks, growth 80), {model}",
                 notes="Trained with cross-entropy only (no log-det); the slides give no numbers we can read.",
             )
+    return p
+
+
+def _digits_preset() -> ImagePreset:
+    """A CPU-sized run on scikit-learn's 8x8 digits, by epochs (the older CPU preset)."""
     digits_model = ImageFlowConfig(
         image_shape=(1, 8, 8), n_levels=17, blocks=(2, 2), growth=32, depth=3, fc_blocks=2,
     )
-    p["digits"] = ImagePreset(
+    return ImagePreset(
         "digits", "digits", digits_model,
         ImageTrainingConfig(
             batch_size=64, lr=1e-3, warmup_iterations=50, ema_decay=0.98, epochs=15, eval_every=0,
@@ -617,6 +642,21 @@ def _make_presets() -> Dict[str, ImagePreset]:
         "CPU-sized run: scikit-learn's 8x8 digits (17 levels), 2-2 blocks, growth 32, 2 FC blocks, 15 epochs",
         scale="reduced: digits 8x8 CPU",
     )
+
+
+def _make_presets() -> Dict[str, ImagePreset]:
+    """Every preset, in the order :func:`list_image_presets` gives them: the paper's Table 2 rows,
+    the CIFAR-10 ablation, variational dequantisation, classification, then the CPU-sized runs."""
+    cifar = ImageFlowConfig()
+    cifar_train = replace(_DENSITY, random_flip=True)
+    in32 = replace(cifar, blocks=(32, 32, 32))
+    in_train = replace(_DENSITY, lr=0.004, batch_size=256, start_learnable_concat_epoch=0)
+    p: Dict[str, ImagePreset] = {}
+    p.update(_table2_presets(cifar, cifar_train, in32, in_train))
+    p.update(_ablation_presets(cifar, cifar_train))
+    p.update(_vardeq_presets(cifar, cifar_train, in32, in_train))
+    p.update(_classification_presets(cifar))
+    p["digits"] = _digits_preset()
     p.update(_cpu_presets())
     return p
 
