@@ -205,20 +205,32 @@ class MonotoneBlock(_SingleNetworkBlock):
         (True, True)
     """
 
+    #: :math:`\log|\det F'|` as a series in :math:`J = g'(w)` at the solution: Cayley's.
+    series = CAYLEY
+
+    @staticmethod
+    def solve_rhs(x: Tensor) -> Tensor:
+        r"""The right-hand side :math:`b = \sqrt2\,x` of the solve :math:`w \pm g(w) = b`."""
+        return SQRT2 * x
+
+    @staticmethod
+    def output(x: Tensor, w: Tensor) -> Tensor:
+        r"""The block's value :math:`\sqrt2\,w - x` from its input and the solution w."""
+        return SQRT2 * w - x
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "MonotoneBlock input")
         _check_like_weights(x, "MonotoneBlock input", self, self.g)
         cache: dict = {}  # the exact log-det's Jacobian at w, reused by a direct adjoint
-        w = self._solve(self.g, SQRT2 * x, 1.0, "forward", cache, self._exact_logdet(with_logdet))
-        return SQRT2 * w - x, self._logdet(self.g, w, CAYLEY, with_logdet, cache)
+        w = self._solve(self.g, self.solve_rhs(x), 1.0, "forward", cache, self._exact_logdet(with_logdet))
+        return self.output(x, w), self._logdet(self.g, w, self.series, with_logdet, cache)
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "MonotoneBlock.inverse input")
         _check_like_weights(y, "MonotoneBlock.inverse input", self, self.g)
         cache: dict = {}
-        w = self._solve(self.g, SQRT2 * y, -1.0, "inverse", cache, self._exact_logdet(with_logdet))
-        return SQRT2 * w - y, self._logdet(self.g, w, CAYLEY.negated(), with_logdet, cache)
+        w = self._solve(self.g, self.solve_rhs(y), -1.0, "inverse", cache, self._exact_logdet(with_logdet))
+        return self.output(y, w), self._logdet(self.g, w, self.series.negated(), with_logdet, cache)
 
 
 class ResidualBlock(_SingleNetworkBlock):
@@ -228,19 +240,26 @@ class ResidualBlock(_SingleNetworkBlock):
     :class:`MonotoneBlock`.
     """
 
+    #: :math:`\log\det(I + J)` as a series in :math:`J = g'(x)`.
+    series = RESIDUAL
+
+    @staticmethod
+    def output(x: Tensor, g_x: Tensor) -> Tensor:
+        """The block's value :math:`x + g(x)`."""
+        return x + g_x
 
     def forward(self, x: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(x, "ResidualBlock input")
         _check_like_weights(x, "ResidualBlock input", self, self.g)
-        g_x, logdet = self._value_and_logdet(self.g, x, RESIDUAL, with_logdet)
-        return x + g_x, logdet
+        g_x, logdet = self._value_and_logdet(self.g, x, self.series, with_logdet)
+        return self.output(x, g_x), logdet
 
     def inverse(self, y: Tensor, with_logdet: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         _check_input(y, "ResidualBlock.inverse input")
         _check_like_weights(y, "ResidualBlock.inverse input", self, self.g)
         cache: dict = {}
         x = self._solve(self.g, y, 1.0, "inverse", cache, self._exact_logdet(with_logdet))
-        return x, self._logdet(self.g, x, RESIDUAL.negated(), with_logdet, cache)
+        return x, self._logdet(self.g, x, self.series.negated(), with_logdet, cache)
 
 
 class ImplicitBlock(_ImplicitBase):

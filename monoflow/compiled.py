@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from monoflow.blocks import MonotoneBlock, ResidualBlock
 from monoflow.lipschitz import DenseNet, LipschitzChain, LipschitzDenseLayer, update_lipschitz
-from monoflow.logdet import CAYLEY, RESIDUAL, ExactLogDet
+from monoflow.logdet import ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
 
 __all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "newton_resolvent"]
@@ -46,7 +46,6 @@ __all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "newton
 #: Newton converges quadratically: from w = b, 3 steps and the differentiable one reach float32
 #: precision on the trained toy models (the residual at the solution is checked on every batch).
 DEFAULT_NEWTON_STEPS = 3
-SQRT2 = math.sqrt(2.0)
 
 
 def _run_compiled(function, what: str, *args):
@@ -115,16 +114,16 @@ def _flow_loss(flow: nn.Module, x: Tensor, steps: int) -> Tuple[Tensor, List[Ten
     """(loss, residual per monotone block and sample at its solution, norm of the solution)."""
     logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     residuals, norms = [], []
-    for block in flow.blocks:
+    for block in flow.blocks:  # the blocks' own right-hand side, output and log-det series
         if isinstance(block, MonotoneBlock):
-            b = SQRT2 * x
+            b = block.solve_rhs(x)
             w, value, jac = newton_resolvent(block.g, b, steps)
             residuals.append((w + value - b).detach().norm(dim=1))
             norms.append(w.detach().norm(dim=1))
-            x, block_logdet = SQRT2 * w - x, CAYLEY.exact(jac)
+            x, block_logdet = block.output(x, w), block.series.exact(jac)
         else:
             value, jac = block.g.jacobian(x)
-            x, block_logdet = x + value, RESIDUAL.exact(jac)
+            x, block_logdet = block.output(x, value), block.series.exact(jac)
         logdet = logdet + block_logdet
     return -(flow.base.log_prob(x) + logdet).mean(), residuals, norms
 

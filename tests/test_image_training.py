@@ -173,3 +173,33 @@ def test_classification_and_variational_dequantization_train(tmp_path):
         training_overrides=TINY_TRAINING, train_data=synthetic(40, 0), test_data=synthetic(12, 1),
     )
     assert len(vdq["metrics"]["bpd_draws"]) == 2 and all(math.isfinite(v) for v in vdq["metrics"]["bpd_draws"])
+
+
+def test_stop_after_and_resume_record_sessions_like_toy_runs(tmp_path):
+    """The shared loop: ``stop_after`` stops with a checkpoint, the rerun resumes, and each start
+    is a session in run.json and a line in train.log, as for the toy runs."""
+    stopped = run(tmp_path, 3, stop_after=1, final_evaluation=False)
+    assert stopped["status"] == "interrupted" and stopped["step"] == 1 and not (tmp_path / "run.json").exists()
+    record = run(tmp_path, 3, final_evaluation=False)
+    assert record["iterations"] == 3
+    assert [session["iteration"] for session in record["sessions"]] == [0, 1]
+    assert all(session["git_commit"] and session["device"] for session in record["sessions"])
+    log = (tmp_path / "train.log").read_text()
+    assert "session at iteration 0" in log and "resuming" in log and "session at iteration 1" in log
+
+
+def test_a_non_finite_loss_stops_the_image_run_with_an_error(tmp_path, monkeypatch):
+    """A nan loss stops training with an error naming the step and the run's log (before the
+    shared loop, image runs went on training, with nan weights once the gradients were nan)."""
+    from monoflow.models.image import ImageFlow
+    from monoflow.training import TrainingDiverged
+
+    original = ImageFlow.bits_per_dim
+
+    def poisoned(self, *args, **kwargs):
+        return original(self, *args, **kwargs) + float("nan")
+
+    monkeypatch.setattr(ImageFlow, "bits_per_dim", poisoned)
+    with pytest.raises(TrainingDiverged, match="training diverged .*iteration 1"):
+        run(tmp_path, 2, final_evaluation=False)
+    assert "diverged" in (tmp_path / "train.log").read_text()

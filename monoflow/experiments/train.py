@@ -19,6 +19,7 @@ finished record without training.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,6 @@ from typing import Any, Dict, List, Optional, Protocol, Union
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from monoflow.blocks import solver_stats
 from monoflow.checkpoint import (
@@ -37,7 +37,6 @@ from monoflow.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    stop_on_signals,
 )
 from monoflow.experiments.config import (
     RegressionConfig,
@@ -57,6 +56,8 @@ from monoflow.experiments.results import (
 )
 from monoflow.lipschitz import certificates_record, set_learnable_concat, update_lipschitz
 from monoflow.provenance import provenance
+from monoflow.training import (LoopState, RunLog, check_same_config, config_changes, non_finite_parameters,
+                               train_run)
 
 __all__ = ["Experiment", "RunLog", "derived_seed", "make_optimizer", "non_finite_parameters", "run_record", "train",
            "training_step", "TIMED_PHASES", "RunState", "set_seeds", "test_log_line"]
@@ -103,47 +104,23 @@ def derived_seed(seed: int, stream: str) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class RunLog:
-    """Appends timestamped lines to the run's log file (and nothing else: no global logger)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, message: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(f"{stamp} {message}\n")
-
-
 @dataclass
-class RunState:
-    """Progress of a run, saved in its checkpoint: steps, tests, wall time and phase timers."""
+class RunState(LoopState):
+    """Progress of a run, saved in its checkpoint: the loop's steps, wall time and sessions, plus
+    the tests, their time and the phase timers."""
 
-    step: int = 0
     tests: List[Dict[str, Any]] = field(default_factory=list)
-    elapsed_s: float = 0.0
     test_time_s: float = 0.0
     timers: Dict[str, float] = field(default_factory=lambda: {phase: 0.0 for phase in TIMED_PHASES})
-    #: One entry per start or resumption: the iteration it began at, its commit, device, time.
-    sessions: List[Dict[str, Any]] = field(default_factory=list)
 
 
 #: Configuration fields that do not change a run's numbers: a resumed run may differ in them.
 _RESULT_NEUTRAL_FIELDS = frozenset({"checkpoint_every_s"})
 
 
-def _config_differences(stored: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    keys = sorted((set(stored) | set(current)) - _RESULT_NEUTRAL_FIELDS)
-    return [f"{key}: {stored.get(key)!r} -> {current.get(key)!r}" for key in keys if stored.get(key) != current.get(key)]
-
-
 def _check_same_config(stored: Dict[str, Any], current: Dict[str, Any], where: Path) -> None:
-    differences = _config_differences(to_jsonable(stored), to_jsonable(current))
-    if differences:
-        raise ValueError(
-            f"{where} holds a run with a different configuration ({'; '.join(differences)}); "
-            "choose another output folder or delete that run"
-        )
+    check_same_config(config_changes(to_jsonable(stored), to_jsonable(current), ignore=_RESULT_NEUTRAL_FIELDS),
+                      where, "choose another output folder or delete that run")
 
 
 def test_log_line(metric_name: str, test: Dict[str, Any]) -> str:
@@ -166,20 +143,6 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     ``foreach=True`` updates all parameter tensors with a few multi-tensor ops instead of a loop
     over them (the small models have ~100 tensors; the loop costs more than the arithmetic)."""
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-
-
-def non_finite_parameters(model: nn.Module) -> List[str]:
-    """Names of the parameters with a nan or inf entry."""
-    return [name for name, parameter in model.named_parameters() if not bool(torch.isfinite(parameter).all())]
-
-
-def _diverged(experiment: Experiment, log: "RunLog", run_dir: Path, message: str,
-              cause: Optional[BaseException] = None) -> None:
-    """Log and raise the divergence (with the experiment's own detail, e.g. an ensemble's members)."""
-    if hasattr(experiment, "divergence_detail"):
-        message += f"; {experiment.divergence_detail()}"
-    log(f"diverged: {message}")
-    raise RuntimeError(f"training diverged ({message}); see {run_dir / LOG_NAME}") from cause
 
 
 def training_step(
@@ -233,7 +196,8 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Train, test and record ``experiment`` in ``run_dir``; resume or skip as the folder says.
+    """Train, test and record ``experiment`` in ``run_dir``; resume or skip as the folder says
+    (the loop is :func:`monoflow.training.train_run`, shared with the image flows).
 
     Args:
         experiment: the experiment (configuration, model, data, loss, test).
@@ -250,18 +214,10 @@ def train(
 
     Raises:
         RuntimeError: another process is training in ``run_dir`` (see
-            :class:`~monoflow.checkpoint.FolderLock`).
+            :class:`~monoflow.checkpoint.FolderLock`), or training diverged.
     """
-    if stop_after is not None and stop_after < 0:
-        raise ValueError(f"stop_after must be >= 0 iterations, got {stop_after}")
-    # the ensemble's member folders are written too (their own run folders)
-    folders = [Path(run_dir), *getattr(experiment, "member_dirs", ())]
-    # a finished run is only read, so it needs no lock (its folder may be read-only)
-    finished = _finished_record(experiment, Path(run_dir))
-    if finished is not None:
-        return finished
-    with FolderLock(*folders):
-        return _train(experiment, Path(run_dir), torch.device(device), progress, stop_after)
+    return train_run(_ExperimentRun(experiment, Path(run_dir), torch.device(device)), progress=progress,
+                     stop_after=stop_after)
 
 
 def _finished_record(experiment: Experiment, run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -274,147 +230,121 @@ def _finished_record(experiment: Experiment, run_dir: Path) -> Optional[Dict[str
     return None
 
 
-def _train(experiment: Experiment, run_dir: Path, device: torch.device, progress: bool,
-           stop_after: Optional[int]) -> Dict[str, Any]:
-    """:func:`train` with its folders locked."""
-    config = experiment.config
-    config_dict = config_to_dict(config)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    log = RunLog(run_dir / LOG_NAME)
+class _ExperimentRun:
+    """An :class:`Experiment` as a :class:`~monoflow.training.TrainingRun`: Adam with the step-wise
+    schedule, tests every ``test_every`` iterations, a checkpoint every ``checkpoint_every_s``."""
 
-    finished = _finished_record(experiment, run_dir)  # finished meanwhile by another process
-    if finished is not None:
-        return finished
+    is_main = True
 
-    data_generator = torch.Generator().manual_seed(derived_seed(config.seed, "train"))
-    test_generator = torch.Generator().manual_seed(derived_seed(config.seed, "test"))
-    figure_generator = torch.Generator().manual_seed(derived_seed(config.seed, "figure"))
-    streams = {"data": data_generator, "test": test_generator, "figure": figure_generator}
-    streams.update(getattr(experiment, "random_streams", dict)())
+    def __init__(self, experiment: Experiment, run_dir: Path, device: torch.device) -> None:
+        self.experiment, self.run_dir, self.device = experiment, run_dir, device
+        self.config = experiment.config
+        self.total_steps = self.config.iterations
+        self.label = f"{self.config.experiment} {self.config.model}"
+        self.log = RunLog(run_dir / LOG_NAME)
+        self.log_path = run_dir / LOG_NAME
+        self.state = RunState()
+        self.tests_at = set(evaluation_iterations(self.config.iterations, self.config.test_every))
+        self.learnable = False
+        self.last_solver: Optional[Dict[str, Any]] = None
 
-    set_seeds(config.seed)
-    model = experiment.build_model().to(device)
-    optimizer = make_optimizer(model, config)
-    state = RunState()
+    def finished_record(self) -> Optional[Dict[str, Any]]:
+        return _finished_record(self.experiment, self.run_dir)
 
-    if checkpoint_path.is_file():
-        checkpoint = load_checkpoint(checkpoint_path, required=("config", "model", "optimizer", "state", "rng"))
-        _check_same_config(checkpoint["config"], config_dict, run_dir)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = RunState(**checkpoint["state"])
-        restore_rng_state(checkpoint["rng"], **streams)
-        log(f"resumed from {checkpoint_path.name} at iteration {state.step}")
-    else:
-        log(f"start {config.experiment} {config_dict}")
-    session = provenance(device)
-    notes = getattr(experiment, "session_notes", dict)()
-    state.sessions.append({"iteration": state.step, **{key: session[key] for key in
-                                                       ("git_commit", "device", "created", "command")}, **notes})
-    log(f"session at iteration {state.step}: commit {session['git_commit']}, {session['device']}"
-        + "".join(f", {key.replace('_', ' ')}: {value}" for key, value in notes.items()))
+    def lock(self) -> FolderLock:
+        # the ensemble's member folders are written too (their own run folders)
+        return FolderLock(self.run_dir, *getattr(self.experiment, "member_dirs", ()))
 
-    def save() -> None:
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "config": config_dict,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "state": {
-                    "step": state.step,
-                    "tests": state.tests,
-                    "elapsed_s": state.elapsed_s,
-                    "test_time_s": state.test_time_s,
-                    "timers": dict(state.timers),
-                    "sessions": state.sessions,
-                },
-                "rng": capture_rng_state(**streams),
-            },
-        )
+    def prepare(self) -> None:
+        config, experiment = self.config, self.experiment
+        self.data_generator = torch.Generator().manual_seed(derived_seed(config.seed, "train"))
+        self.test_generator = torch.Generator().manual_seed(derived_seed(config.seed, "test"))
+        self.figure_generator = torch.Generator().manual_seed(derived_seed(config.seed, "figure"))
+        self.streams = {"data": self.data_generator, "test": self.test_generator, "figure": self.figure_generator}
+        self.streams.update(getattr(experiment, "random_streams", dict)())
+        set_seeds(config.seed)
+        self.model = experiment.build_model().to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        if checkpoint_path.is_file():
+            checkpoint = load_checkpoint(checkpoint_path, required=("config", "model", "optimizer", "state", "rng"))
+            _check_same_config(checkpoint["config"], config_to_dict(config), self.run_dir)
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.state = RunState(**checkpoint["state"])
+            restore_rng_state(checkpoint["rng"], **self.streams)
+            self.log(f"resumed from {checkpoint_path.name} at iteration {self.state.step}")
+        else:
+            self.log(f"start {config.experiment} {config_to_dict(config)}")
+        self.learnable = self.state.step >= config.learnable_concat_from
+        set_learnable_concat(self.model, self.learnable)
 
-    tests_at = set(evaluation_iterations(config.iterations, config.test_every))
-    learnable = state.step >= config.learnable_concat_from
-    set_learnable_concat(model, learnable)
-    session_start = time.perf_counter()
-    elapsed_at_start = state.elapsed_s
-    last_save = session_start
-    bar = tqdm(
-        total=config.iterations,
-        initial=state.step,
-        disable=not progress,
-        desc=f"{config.experiment} {config.model}",
-        dynamic_ncols=True,
-    )
-    with stop_on_signals() as stop:
-        try:
-            while state.step < config.iterations:
-                if (stop_after is not None and state.step >= stop_after) or stop.requested:
-                    state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
-                    save()
-                    reason = f"signal {stop.signal}" if stop.requested else f"stop_after={stop_after}"
-                    log(f"stopped at iteration {state.step} ({reason}); rerun the same command to resume")
-                    return {"status": "interrupted", "step": state.step, "tests": state.tests, "run_dir": str(run_dir),
-                            "signal": stop.signal}
+    def session_notes(self) -> Dict[str, Any]:
+        return {"provenance": provenance(self.device), **getattr(self.experiment, "session_notes", dict)()}
 
-                model.train()
-                if not learnable and state.step >= config.learnable_concat_from:
-                    learnable = True
-                    set_learnable_concat(model, True)
-                    log(f"learnable concatenation on at iteration {state.step}")
-                try:
-                    loss = training_step(experiment, model, optimizer, data_generator, device, state.step, state.timers)
-                except Exception as error:  # non-finite parameters surface as solver or input errors
-                    broken = non_finite_parameters(model)
-                    if not broken:
-                        raise
-                    _diverged(experiment, log, run_dir, f"non-finite parameters ({', '.join(broken[:3])}"
-                              f"{', ...' if len(broken) > 3 else ''}) at iteration {state.step + 1}", error)
-                if not torch.isfinite(loss):
-                    _diverged(experiment, log, run_dir, f"loss {loss.item()} at iteration {state.step + 1}")
-                state.step += 1
+    def train_step(self, step: int) -> torch.Tensor:
+        self.model.train()
+        if not self.learnable and step >= self.config.learnable_concat_from:
+            self.learnable = True
+            set_learnable_concat(self.model, True)
+            self.log(f"learnable concatenation on at iteration {step}")
+        return training_step(self.experiment, self.model, self.optimizer, self.data_generator, self.device, step,
+                             self.state.timers)
 
-                train_solver = None
-                if state.step in tests_at or state.step % 10 == 0 or state.step == 1:
-                    train_solver = summarize_solver(solver_stats(model), kinds=("forward", "adjoint"))
-                    bar.set_postfix(loss=f"{loss.item():.4f}", solver_iters=train_solver.get("forward_iterations_mean", "-"))
-                bar.update(1)
+    def after_step(self, loss: torch.Tensor) -> Optional[Dict[str, Any]]:
+        step = self.state.step
+        self.last_solver = None
+        if step in self.tests_at or step % 10 == 0 or step == 1:
+            self.last_solver = summarize_solver(solver_stats(self.model), kinds=("forward", "adjoint"))
+            return {"loss": f"{loss.item():.4f}", "solver_iters": self.last_solver.get("forward_iterations_mean", "-")}
+        return None
 
-                if state.step in tests_at:
-                    tick = time.perf_counter()
-                    model.eval()
-                    result = experiment.evaluate(model, test_generator, device)
-                    result = {
-                        "iteration": state.step,
-                        "train_loss": float(loss.item()),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        **result,
-                        "train_solver": train_solver,
-                    }
-                    state.tests.append(to_jsonable(result))
-                    if hasattr(experiment, "log_test"):
-                        experiment.log_test(state.tests[-1])
-                    state.test_time_s += time.perf_counter() - tick
-                    log(test_log_line(experiment.metric_name, result))
+    def evaluation_due(self, step: int) -> bool:
+        return step in self.tests_at
 
-                if time.perf_counter() - last_save >= config.checkpoint_every_s:
-                    state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
-                    save()
-                    last_save = time.perf_counter()
-        finally:
-            bar.close()
+    def evaluate(self, loss: torch.Tensor) -> None:
+        tick = time.perf_counter()
+        self.model.eval()
+        result = self.experiment.evaluate(self.model, self.test_generator, self.device)
+        result = {"iteration": self.state.step, "train_loss": float(loss.item()),
+                  "lr": self.optimizer.param_groups[0]["lr"], **result, "train_solver": self.last_solver}
+        self.state.tests.append(to_jsonable(result))
+        if hasattr(self.experiment, "log_test"):
+            self.experiment.log_test(self.state.tests[-1])
+        self.state.test_time_s += time.perf_counter() - tick
+        self.log(test_log_line(self.experiment.metric_name, result))
 
-    state.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
-    save()
-    model.eval()
-    extra = experiment.finalize(model, run_dir, figure_generator, device)
-    if hasattr(experiment, "record_members"):
-        extra["members"] = experiment.record_members(state, device)
-    record = run_record(experiment, model, state, device, extra)
-    write_run(run_dir, record)
-    record["run_dir"] = str(run_dir)
-    log(f"finished: {experiment.metric_name}={record['final_metric']:.6f} wall_time={record['timing']['wall_time_s']:.1f}s")
-    return record
+    def checkpoint_due(self, step: int, seconds_since_save: float) -> bool:
+        return seconds_since_save >= self.config.checkpoint_every_s
+
+    def save(self, finished: bool) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, {
+            "config": config_to_dict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": dataclasses.asdict(self.state),
+            "rng": capture_rng_state(**self.streams),
+        })
+
+    def interrupted(self, reason: Dict[str, Any]) -> Dict[str, Any]:
+        return {"status": "interrupted", "step": self.state.step, "tests": self.state.tests,
+                "run_dir": str(self.run_dir), "signal": reason["signal"]}
+
+    def divergence_detail(self) -> str:
+        return self.experiment.divergence_detail() if hasattr(self.experiment, "divergence_detail") else ""
+
+    def finish(self, stopped_by_time_budget: bool) -> Dict[str, Any]:
+        experiment, model = self.experiment, self.model
+        model.eval()
+        extra = experiment.finalize(model, self.run_dir, self.figure_generator, self.device)
+        if hasattr(experiment, "record_members"):
+            extra["members"] = experiment.record_members(self.state, self.device)
+        record = run_record(experiment, model, self.state, self.device, extra)
+        write_run(self.run_dir, record)
+        record["run_dir"] = str(self.run_dir)
+        self.log(f"finished: {experiment.metric_name}={record['final_metric']:.6f} "
+                 f"wall_time={record['timing']['wall_time_s']:.1f}s")
+        return record
 
 
 def run_record(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from monoflow.checkpoint import load_checkpoint as _load_file
+from monoflow.training.configs import check_same_config, config_changes
 
 __all__ = ["checkpoint_path", "rng_path", "load_checkpoint", "load_rng_state", "REQUIRED_KEYS",
            "OPERATIONAL_KEYS", "config_changes", "check_same_run", "read_record"]
@@ -58,40 +59,6 @@ OPERATIONAL_KEYS = frozenset({"eval_every", "checkpoint_every", "log_every", "n_
                               "n_samples", "eval_curve_images", "iterations", "epochs"})
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))  # tuples and lists compare equal
-
-
-def _default(config_class: type, key: str) -> Any:
-    for field in dataclasses.fields(config_class):
-        if field.name == key:
-            if field.default is not dataclasses.MISSING:
-                return field.default
-            if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                return field.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING
-
-
-def config_changes(stored: Dict[str, Any], current: Dict[str, Any], config_class: type,
-                   ignore: frozenset = frozenset()) -> List[str]:
-    """The settings in which ``current`` differs from ``stored`` (both ``asdict`` of
-    ``config_class``), as ``"key: old -> new"``. A key present on one side only counts as unchanged
-    when the other side would have the dataclass default (a field added to monoflow since the
-    checkpoint was written); keys in ``ignore`` are skipped."""
-    changes = []
-    for key in sorted(set(stored) | set(current)):
-        if key in ignore:
-            continue
-        old = stored.get(key, _default(config_class, key))
-        new = current.get(key, _default(config_class, key))
-        if old is dataclasses.MISSING or new is dataclasses.MISSING:
-            changes.append(f"{key}: {'absent' if old is dataclasses.MISSING else _plain(old)} -> "
-                           f"{'absent' if new is dataclasses.MISSING else _plain(new)}")
-        elif _plain(old) != _plain(new):
-            changes.append(f"{key}: {_plain(old)} -> {_plain(new)}")
-    return changes
-
-
 def check_same_run(state: Dict[str, Any], model_config: Any, training_config: Any, run_dir: Path) -> None:
     """Refuse to resume the checkpoint ``state`` with other settings than it was trained with
     (as toy runs do); only :data:`OPERATIONAL_KEYS` may change."""
@@ -99,10 +66,8 @@ def check_same_run(state: Dict[str, Any], model_config: Any, training_config: An
         state["model_config"], dataclasses.asdict(model_config), type(model_config))]
     changes += [f"training {change}" for change in config_changes(
         state["training_config"], dataclasses.asdict(training_config), type(training_config), OPERATIONAL_KEYS)]
-    if changes:
-        raise ValueError(f"{run_dir} holds a run with a different configuration ({'; '.join(changes)}); resume it "
-                         "with the settings it was started with, choose another --results-dir / --seed, or delete "
-                         "that run")
+    check_same_config(changes, run_dir, "resume it with the settings it was started with, choose another "
+                      "--output / --seed, or delete that run")
 
 
 def read_record(path: Path) -> Dict[str, Any]:

@@ -21,13 +21,14 @@ caller passes ``allow_tf32=True``; the policy in force is written to ``run.json`
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import resource
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from monoflow.blocks import solver_stats
 from monoflow.data.images import ImageArray, batches_per_epoch, load_image_dataset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
-from monoflow.checkpoint import FolderLock, capture_rng_state, restore_rng_state, save_checkpoint, stop_on_signals
+from monoflow.checkpoint import FolderLock, capture_rng_state, restore_rng_state, save_checkpoint
 from monoflow.images.checkpoint import (check_same_run, checkpoint_path, load_checkpoint, load_rng_state, read_record,
                                        rng_path)
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
@@ -46,6 +47,7 @@ from monoflow.images.ema import ExponentialMovingAverage
 from monoflow.images.evaluation import batch_seed, evaluate_accuracy, evaluate_bpd, prepare_for_evaluation
 from monoflow.images.results import provenance, run_directory, write_json
 from monoflow.images.sampling import save_image_grid
+from monoflow.training import LoopState, RunLog, train_run
 
 __all__ = ["apply_precision_policy", "train_image_flow", "build_run", "peak_memory_mb", "augment_batch",
            "load_ema_model", "recertify_run", "certificate_summary"]
@@ -81,10 +83,6 @@ def augment_batch(k: torch.Tensor, generator: torch.Generator, flip: bool, crop_
         dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
         k = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)]).to(k.dtype)
     return k
-
-
-class _Preempted(Exception):
-    pass
 
 
 def build_run(preset: ImagePreset, model: Optional[str], model_overrides: Optional[dict],
@@ -185,8 +183,10 @@ def train_image_flow(
     run_dir: Optional[str] = None,
     final_evaluation: bool = True,
     max_seconds: Optional[float] = None,
+    stop_after: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Train (or resume) the image flow of ``preset`` and write ``run.json``; returns its content.
+    The loop is :func:`monoflow.training.train_run`, shared with the toy and 1-D experiments.
 
     Args:
         preset: a name from :func:`~monoflow.models.image.list_image_presets`.
@@ -202,230 +202,288 @@ def train_image_flow(
         final_evaluation: evaluate and sample at the end (the benchmark turns it off).
         max_seconds: stop training after this many seconds of this call (a time budget; the
             record says ``stopped_by_time_budget``).
+        stop_after: stop with a checkpoint after this many steps in total (the run stays
+            unfinished; rerunning resumes it).
+
+    Returns:
+        The run record, or ``{"status": "interrupted", "preempted": True, "step": ..., ...}`` for a
+        run stopped by SIGTERM / SIGINT or ``stop_after``.
     """
     if iterations is not None and iterations <= 0:
         raise ValueError(f"iterations must be a positive number of optimiser steps, got {iterations}")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
-    ctx = init_distributed(device)
-    policy = apply_precision_policy(allow_tf32)
-    spec = get_image_preset(preset)
-    config, training, model_name = build_run(spec, model, model_overrides, training_overrides)
-    _check_training_config(training)
-    out = Path(run_dir) if run_dir else run_directory(results_dir, spec.name, model_name, seed)
-    # released at the end (early returns: when collected; a killed process: by the system)
-    folder_lock, lock_error = None, None
-    if ctx.is_main:
-        try:
-            folder_lock = FolderLock(out)
-        except OSError as error:  # a read-only folder is enough to reread a finished run
-            if not (out / "run.json").is_file():
-                raise
-            lock_error = error
-    barrier(ctx)
+    run = _ImageRun(preset, model=model, data_root=data_root, results_dir=results_dir, seed=seed,
+                    iterations=iterations, device=device, allow_tf32=allow_tf32, model_overrides=model_overrides,
+                    training_overrides=training_overrides, train_data=train_data, test_data=test_data,
+                    eval_limit=eval_limit, run_dir=run_dir, final_evaluation=final_evaluation)
+    return train_run(run, progress=progress, stop_after=stop_after, max_seconds=max_seconds)
 
-    if train_data is None:
-        train_data = load_image_dataset(spec.dataset, data_root, train=True)
-    if test_data is None:
-        test_data = load_image_dataset(spec.dataset, data_root, train=False)
-    if tuple(train_data.shape) != tuple(config.image_shape):
-        raise ValueError(f"data images have shape {train_data.shape}, the model expects {config.image_shape}")
-    if training.batch_size % ctx.world_size:
-        raise ValueError(f"batch size {training.batch_size} is not divisible by the {ctx.world_size} ranks")
-    local_batch = training.batch_size // ctx.world_size
-    steps_per_epoch = max(1, batches_per_epoch(len(train_data), training.batch_size) // training.accumulation_steps)
-    total_steps = iterations or training.iterations or training.epochs * steps_per_epoch
-    learnable_concat_step = training.start_learnable_concat_epoch * steps_per_epoch
-    density = config.task == "density"
 
-    # Same initial weights on every rank (seeded), then rank 0's copy wins anyway.
-    torch.manual_seed(seed)
-    flow = ImageFlow(config).to(ctx.device)
-    n_params = count_parameters(flow)
-    first_idx = np.random.default_rng([seed, 0]).permutation(len(train_data))[:training.batch_size]
-    k0, _ = train_data.batch(first_idx)
-    u0 = torch.rand(k0.shape, generator=torch.Generator().manual_seed(batch_seed(seed, 6)))
-    part0 = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
-    with torch.no_grad():  # data-dependent ActNorm initialisation (synchronised), lazy SN state
-        x0 = (k0[part0].to(ctx.device).float() + u0[part0].to(ctx.device)) / config.n_levels
-        flow(x0, with_logdet=False)
-    broadcast_module(flow, ctx)
-    torch.manual_seed(batch_seed(seed, 2, ctx.rank))
-    np.random.seed(batch_seed(seed, 3, ctx.rank) % 2**32)
+@dataclass
+class _ImageRunState(LoopState):
+    """The loop's state plus the training log (one entry every ``log_every`` steps) and the
+    learning curve's evaluations."""
 
-    optimizer = torch.optim.Adam(flow.parameters(), lr=training.lr, betas=tuple(training.betas),
-                                 weight_decay=training.weight_decay)
-    warmup = max(1, training.warmup_iterations)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = ExponentialMovingAverage(flow, training.ema_decay)
-    step, log, evals, elapsed_before = 0, [], [], 0.0
+    log: List[Dict[str, Any]] = field(default_factory=list)
+    evaluations: List[Dict[str, Any]] = field(default_factory=list)
 
-    try:
-        state = load_checkpoint(out, map_location=ctx.device)
+
+class _ImageRun:
+    """One image-flow run as a :class:`~monoflow.training.TrainingRun` (SPEC.md section 4; the
+    module docstring lists what a step does)."""
+
+    def __init__(self, preset: str, *, model: Optional[str], data_root: Optional[str], results_dir: str, seed: int,
+                 iterations: Optional[int], device: Optional[str], allow_tf32: bool, model_overrides: Optional[dict],
+                 training_overrides: Optional[dict], train_data: Optional[ImageArray],
+                 test_data: Optional[ImageArray], eval_limit: int, run_dir: Optional[str],
+                 final_evaluation: bool) -> None:
+        self.ctx = ctx = init_distributed(device)
+        self.is_main = ctx.is_main
+        self.policy = apply_precision_policy(allow_tf32)
+        self.spec = get_image_preset(preset)
+        self.config, self.training, self.model_name = build_run(self.spec, model, model_overrides,
+                                                                training_overrides)
+        _check_training_config(self.training)
+        self.seed, self.eval_limit, self.final_evaluation = seed, eval_limit, final_evaluation
+        self.out = Path(run_dir) if run_dir else run_directory(results_dir, self.spec.name, self.model_name, seed)
+        self.label = f"{self.spec.name}/{self.model_name}"
+        self.log_path = self.out / "train.log"
+        self.state = _ImageRunState()
+        self._load_data(data_root, train_data, test_data, iterations)
+
+    def _load_data(self, data_root: Optional[str], train_data: Optional[ImageArray],
+                   test_data: Optional[ImageArray], iterations: Optional[int]) -> None:
+        spec, training, ctx = self.spec, self.training, self.ctx
+        self.train_data = train_data if train_data is not None else load_image_dataset(spec.dataset, data_root,
+                                                                                       train=True)
+        self.test_data = test_data if test_data is not None else load_image_dataset(spec.dataset, data_root,
+                                                                                    train=False)
+        if tuple(self.train_data.shape) != tuple(self.config.image_shape):
+            raise ValueError(f"data images have shape {self.train_data.shape}, the model expects "
+                             f"{self.config.image_shape}")
+        if training.batch_size % ctx.world_size:
+            raise ValueError(f"batch size {training.batch_size} is not divisible by the {ctx.world_size} ranks")
+        self.local_batch = training.batch_size // ctx.world_size
+        self.batches_per_epoch = batches_per_epoch(len(self.train_data), training.batch_size)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // training.accumulation_steps)
+        self.total_steps = iterations or training.iterations or training.epochs * self.steps_per_epoch
+        self.learnable_concat_step = training.start_learnable_concat_epoch * self.steps_per_epoch
+        self.density = self.config.task == "density"
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            RunLog(self.log_path, echo=True)(message)
+
+    def _checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The run folder's checkpoint, refused if it is another run's or another configuration's."""
+        state = load_checkpoint(self.out, map_location=self.ctx.device)
         if state is not None:
-            if state["preset"] != spec.name or state["model_name"] != model_name:
-                raise ValueError(f"{out} holds a checkpoint of {state['preset']}/{state['model_name']}, "
-                                 f"not {spec.name}/{model_name}")
-            check_same_run(state, config, training, out)
-    except ValueError:
-        if folder_lock is not None:  # released now, not when collected: the caller may retry at once
-            folder_lock.release()
-        raise
-    if state is not None:
-        if state.get("finished") and state["step"] >= total_steps and (out / "run.json").exists():
-            if ctx.is_main:
-                print(f"{out} is complete ({state['step']} steps); delete run.json to evaluate again")
-            return read_record(out / "run.json")
-        flow.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        step, log, evals = state["step"], state["log"], state["evaluations"]
-        elapsed_before = state.get("train_seconds", 0.0)
-        rng_state = load_rng_state(out, ctx.rank)
+            if state["preset"] != self.spec.name or state["model_name"] != self.model_name:
+                raise ValueError(f"{self.out} holds a checkpoint of {state['preset']}/{state['model_name']}, "
+                                 f"not {self.spec.name}/{self.model_name}")
+            check_same_run(state, self.config, self.training, self.out)
+        return state
+
+    def finished_record(self) -> Optional[Dict[str, Any]]:
+        self.checkpoint = self._checkpoint()
+        state = self.checkpoint
+        if state is not None and state.get("finished") and state["step"] >= self.total_steps \
+                and (self.out / "run.json").exists():
+            if self.is_main:
+                print(f"{self.out} is complete ({state['step']} steps); delete run.json to evaluate again")
+            return read_record(self.out / "run.json")
+        return None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        lock = FolderLock(self.out) if self.is_main else contextlib.nullcontext()
+        with lock:
+            barrier(self.ctx)
+            yield
+
+    def prepare(self) -> None:
+        self._build()
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        self.checkpoint = None
+        self.order_cache: Dict[int, np.ndarray] = {}
+        self.window_start, self.window_images = time.time(), 0
+        self.flow.train()
+
+    def _build(self) -> None:
+        """The model (same seeded initial weights and data-dependent ActNorm on every rank, then
+        rank 0's copy), Adam with linear warm-up, and the EMA."""
+        ctx, config, training, seed = self.ctx, self.config, self.training, self.seed
+        torch.manual_seed(seed)
+        self.model = self.flow = flow = ImageFlow(config).to(ctx.device)
+        self.n_params = count_parameters(flow)
+        first_idx = np.random.default_rng([seed, 0]).permutation(len(self.train_data))[:training.batch_size]
+        k0, _ = self.train_data.batch(first_idx)
+        u0 = torch.rand(k0.shape, generator=torch.Generator().manual_seed(batch_seed(seed, 6)))
+        part0 = slice(ctx.rank * self.local_batch, (ctx.rank + 1) * self.local_batch)
+        with torch.no_grad():  # data-dependent ActNorm initialisation (synchronised), lazy SN state
+            x0 = (k0[part0].to(ctx.device).float() + u0[part0].to(ctx.device)) / config.n_levels
+            flow(x0, with_logdet=False)
+        broadcast_module(flow, ctx)
+        torch.manual_seed(batch_seed(seed, 2, ctx.rank))
+        np.random.seed(batch_seed(seed, 3, ctx.rank) % 2**32)
+        self.optimizer = torch.optim.Adam(flow.parameters(), lr=training.lr, betas=tuple(training.betas),
+                                          weight_decay=training.weight_decay)
+        warmup = max(1, training.warmup_iterations)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.ema = ExponentialMovingAverage(flow, training.ema_decay)
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        self.flow.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        self.state = _ImageRunState(step=state["step"], elapsed_s=state.get("train_seconds", 0.0),
+                                    sessions=list(state.get("sessions", [])), log=state["log"],
+                                    evaluations=state["evaluations"])
+        rng_state = load_rng_state(self.out, self.ctx.rank)
         if rng_state is not None:
             restore_rng_state(rng_state)
-        if ctx.is_main:
-            print(f"resuming {out} at step {step}/{total_steps}")
-    if lock_error is not None:
-        raise lock_error
+        self.log(f"resuming {self.out} at step {self.state.step}/{self.total_steps}")
 
-    def save(finished: bool) -> None:
-        save_checkpoint(rng_path(out, ctx.rank), capture_rng_state())
+    def session_notes(self) -> Dict[str, Any]:
+        return {"provenance": provenance(self.ctx.device, self.ctx.world_size)}
+
+    def _micro_batch(self, m: int):
+        """Micro-batch ``m`` of the run (global numbering): this rank's slice of the images, labels
+        and dequantisation noise, augmented with the generator of (seed, m)."""
+        training, ctx = self.training, self.ctx
+        epoch, b = divmod(m, self.batches_per_epoch)
+        if epoch not in self.order_cache:
+            self.order_cache.clear()
+            self.order_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_data))
+        idx = self.order_cache[epoch][b * training.batch_size:(b + 1) * training.batch_size]
+        k, y = self.train_data.batch(idx)
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, 1, m))
+        k = augment_batch(k, gen, training.random_flip, training.random_crop_padding)
+        noise = torch.rand(k.shape, generator=gen)
+        part = slice(ctx.rank * self.local_batch, (ctx.rank + 1) * self.local_batch)
+        return k[part].to(ctx.device), y[part].to(ctx.device), noise[part].to(ctx.device)
+
+    def _loss(self, k: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The training-surrogate bpd (or the cross-entropy) of one micro-batch."""
+        if self.density and self.config.dequantization == "variational":
+            return self.flow.bits_per_dim(k).mean()  # the model draws its noise (per-rank RNG)
+        if self.density:
+            return self.flow.bits_per_dim(k, noise=noise).mean()
+        return F.cross_entropy(self.flow.classify((k.float() + noise) / self.config.n_levels), y)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        training, flow = self.training, self.flow
+        set_learnable_concat(flow, step >= self.learnable_concat_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for a in range(training.accumulation_steps):
+            loss = self._loss(*self._micro_batch(step * training.accumulation_steps + a))
+            (loss / training.accumulation_steps).backward()
+            self.loss_sum += loss.detach().double()
+        average_gradients(flow, self.ctx)
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(flow.parameters(), training.grad_clip))
+        if not np.isfinite(self.grad_norm):  # the same on every rank: the gradients are averaged
+            return torch.tensor(self.grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        update_lipschitz(flow, tol=training.lipschitz_tol, max_iterations=training.lipschitz_max_iterations)
+        self.ema.update(flow)
+        return self.loss_sum / training.accumulation_steps
+
+    def after_step(self, loss: torch.Tensor) -> Optional[Dict[str, Any]]:
+        training, step = self.training, self.state.step
+        self.window_images += training.batch_size * training.accumulation_steps
+        if not (step % training.log_every == 0 or step == self.total_steps):
+            return None
+        mean_loss = float(all_reduce_sum(self.loss_sum, self.ctx) / (self.ctx.world_size * training.accumulation_steps))
+        now = time.time()
+        entry = {
+            "step": step,
+            ("train_surrogate_bpd" if self.density else "train_cross_entropy"): mean_loss,
+            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": self.grad_norm,
+            "images_per_s": self.window_images / max(now - self.window_start, 1e-9),
+            **{f"solver_{key}": value for key, value in solver_stats(self.flow).items()
+               if key.endswith("evaluations") or key.endswith("converged_fraction")},
+        }
+        self.state.log.append(entry)
+        if self.is_main:
+            with open(self.out / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        self.window_start, self.window_images = now, 0
+        shown = ("train_surrogate_bpd", "train_cross_entropy", "grad_norm")
+        return {key: round(value, 4) for key, value in entry.items() if key in shown}
+
+    def evaluation_due(self, step: int) -> bool:
+        return bool(self.training.eval_every) and step % self.training.eval_every == 0 and step < self.total_steps
+
+    def evaluate(self, loss: torch.Tensor) -> None:
+        self.state.evaluations.append({"step": self.state.step, **self._curve_point()})
+
+    def _curve_point(self) -> Dict[str, Any]:
+        return _evaluate_curve_point(self.flow, self.ema, self.test_data, self.ctx, self.training, self.density,
+                                     self.seed, self.eval_limit)
+
+    def checkpoint_due(self, step: int, seconds_since_save: float) -> bool:
+        return step % self.training.checkpoint_every == 0
+
+    def save(self, finished: bool) -> None:
+        ctx, state = self.ctx, self.state
+        save_checkpoint(rng_path(self.out, ctx.rank), capture_rng_state())
         if ctx.is_main:
-            save_checkpoint(checkpoint_path(out), {
-                "preset": spec.name, "model_name": model_name, "model_config": asdict(config),
-                "training_config": asdict(training), "model": flow.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "log": log, "evaluations": evals, "finished": finished, "total_steps": total_steps,
-                "learnable_concat": step >= learnable_concat_step, "seed": seed, "world_size": ctx.world_size,
-                "train_seconds": elapsed_before + (time.time() - loop_start),
+            save_checkpoint(checkpoint_path(self.out), {
+                "preset": self.spec.name, "model_name": self.model_name, "model_config": asdict(self.config),
+                "training_config": asdict(self.training), "model": self.flow.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": state.step, "log": state.log,
+                "evaluations": state.evaluations, "finished": finished, "total_steps": self.total_steps,
+                "learnable_concat": state.step >= self.learnable_concat_step, "seed": self.seed,
+                "world_size": ctx.world_size, "train_seconds": state.elapsed_s, "sessions": state.sessions,
             })
         barrier(ctx)
 
+    def interrupted(self, reason: Dict[str, Any]) -> Dict[str, Any]:
+        return {**reason, "run_dir": str(self.out)}
 
-    def global_order(epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(len(train_data))
+    def finish(self, stopped_by_time_budget: bool) -> Dict[str, Any]:
+        record = self._record(stopped_by_time_budget)
+        state, training = self.state, self.training
+        if self.final_evaluation and training.eval_every and training.eval_curve_images > 0 \
+                and not stopped_by_time_budget and not any(e["step"] == state.step for e in state.evaluations):
+            # the learning curve's last point, measured as its other points are (the final evaluation
+            # below uses every test image and several draws, so it is not comparable with them)
+            state.evaluations.append({"step": state.step, **self._curve_point()})
+            record["evaluations"] = state.evaluations
+        if self.final_evaluation:
+            final = _evaluate(self.flow, self.ema, self.test_data, self.ctx, training, self.density, self.seed,
+                              self.eval_limit, samples_to=self.out if self.is_main else None)
+            record["metrics"] = {key: value for key, value in final.items() if key != "samples"}
+            record["samples"] = final.get("samples")
+            record["evaluation_seconds"] = final["seconds"]
+        if self.density and state.log:
+            record["metrics"] = {**record.get("metrics", {}),
+                                 "train_surrogate_bpd_last": state.log[-1]["train_surrogate_bpd"]}
+        if self.is_main:
+            write_json(record, self.out / "run.json")
+        barrier(self.ctx)
+        return record
 
-    order_cache: Dict[int, np.ndarray] = {}
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc=f"{spec.name}/{model_name}", dynamic_ncols=True)
-    loop_start = time.time()
-    window_start, window_images = time.time(), 0
-    flow.train()
-    stopped_by_budget = False
-    with stop_on_signals() as stop:
-        try:
-            while step < total_steps:
-                if max_seconds is not None and time.time() - loop_start > max_seconds:
-                    stopped_by_budget = True
-                    break
-                set_learnable_concat(flow, step >= learnable_concat_step)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-                per_epoch = batches_per_epoch(len(train_data), training.batch_size)
-                for a in range(training.accumulation_steps):
-                    m = step * training.accumulation_steps + a
-                    epoch, b = divmod(m, per_epoch)
-                    if epoch not in order_cache:
-                        order_cache.clear()
-                        order_cache[epoch] = global_order(epoch)
-                    idx = order_cache[epoch][b * training.batch_size:(b + 1) * training.batch_size]
-                    k, y = train_data.batch(idx)
-                    gen = torch.Generator().manual_seed(batch_seed(seed, 1, m))
-                    k = augment_batch(k, gen, training.random_flip, training.random_crop_padding)
-                    noise = torch.rand(k.shape, generator=gen)
-                    part = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
-                    k, y, noise = k[part].to(ctx.device), y[part].to(ctx.device), noise[part].to(ctx.device)
-                    if density and config.dequantization == "variational":
-                        loss = flow.bits_per_dim(k).mean()  # the model draws its noise (per-rank RNG)
-                    elif density:
-                        loss = flow.bits_per_dim(k, noise=noise).mean()
-                    else:
-                        x = (k.float() + noise) / config.n_levels
-                        loss = F.cross_entropy(flow.classify(x), y)
-                    (loss / training.accumulation_steps).backward()
-                    loss_sum += loss.detach().double()
-                average_gradients(flow, ctx)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(flow.parameters(), training.grad_clip))
-                optimizer.step()
-                scheduler.step()
-                update_lipschitz(flow, tol=training.lipschitz_tol, max_iterations=training.lipschitz_max_iterations)
-                ema.update(flow)
-                step += 1
-                window_images += training.batch_size * training.accumulation_steps
-                if bar is not None:
-                    bar.update(1)
-                if step % training.log_every == 0 or step == total_steps:
-                    mean_loss = float(all_reduce_sum(loss_sum, ctx) / (ctx.world_size * training.accumulation_steps))
-                    now = time.time()
-                    entry = {
-                        "step": step,
-                        ("train_surrogate_bpd" if density else "train_cross_entropy"): mean_loss,
-                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                        "images_per_s": window_images / max(now - window_start, 1e-9),
-                        **{f"solver_{k_}": v for k_, v in solver_stats(flow).items()
-                           if k_.endswith("evaluations") or k_.endswith("converged_fraction")},
-                    }
-                    log.append(entry)
-                    if ctx.is_main:
-                        with open(out / "log.jsonl", "a") as f:
-                            f.write(json.dumps(entry) + "\n")
-                    window_start, window_images = now, 0
-                    if bar is not None:
-                        shown = ("train_surrogate_bpd", "train_cross_entropy", "grad_norm")
-                        bar.set_postfix({k_: round(v, 4) for k_, v in entry.items() if k_ in shown})
-                if training.eval_every and step % training.eval_every == 0 and step < total_steps:
-                    evals.append({"step": step, **_evaluate_curve_point(flow, ema, test_data, ctx, training, density,
-                                                                       seed, eval_limit)})
-                if step % training.checkpoint_every == 0 or stop.requested:
-                    save(finished=False)
-                if stop.requested:
-                    raise _Preempted()
-        except _Preempted:
-            if bar is not None:
-                bar.close()
-            if ctx.is_main:
-                print(f"stopped at step {step}; checkpoint saved in {out}; rerun the same command to resume")
-            return {"preempted": True, "step": step, "run_dir": str(out)}
-    if bar is not None:
-        bar.close()
-    train_seconds = elapsed_before + (time.time() - loop_start)
-    save(finished=not stopped_by_budget)
-
-    record: Dict[str, Any] = {
-        "kind": "images", "preset": spec.name, "model": model_name, "dataset": spec.dataset, "scale": spec.scale,
-        "seed": seed, "params": n_params, "paper_bpd": spec.paper_bpd if model_name == spec.model.model_name else None,
-        "paper_params": spec.paper_params if model_name == spec.model.model_name else None,
-        "iterations": step, "steps_per_epoch": steps_per_epoch, "epochs": step / steps_per_epoch,
-        "wall_time_s": train_seconds, "peak_memory_mb": peak_memory_mb(ctx.device),
-        "precision": policy, "model_config": asdict(config), "training_config": asdict(training),
-        "train_log": log, "evaluations": evals, "provenance": provenance(ctx.device, ctx.world_size),
-        "description": spec.description, "notes": spec.notes, "stopped_by_time_budget": stopped_by_budget,
-    }
-    if final_evaluation and training.eval_every and training.eval_curve_images > 0 and not stopped_by_budget \
-            and not any(e["step"] == step for e in evals):
-        # the learning curve's last point, measured as its other points are (the final evaluation
-        # below uses every test image and several draws, so it is not comparable with them)
-        evals.append({"step": step, **_evaluate_curve_point(flow, ema, test_data, ctx, training, density,
-                                                           seed, eval_limit)})
-        record["evaluations"] = evals
-    if final_evaluation:
-        final = _evaluate(flow, ema, test_data, ctx, training, density, seed, eval_limit,
-                          samples_to=out if ctx.is_main else None)
-        record["metrics"] = {k_: v for k_, v in final.items() if k_ != "samples"}
-        record["samples"] = final.get("samples")
-        record["evaluation_seconds"] = final["seconds"]
-    if density and log:
-        record["metrics"] = {**record.get("metrics", {}), "train_surrogate_bpd_last": log[-1]["train_surrogate_bpd"]}
-    if ctx.is_main:
-        write_json(record, out / "run.json")
-        folder_lock.release()
-    barrier(ctx)
-    return record
+    def _record(self, stopped_by_time_budget: bool) -> Dict[str, Any]:
+        """run.json without the final evaluation."""
+        spec, state, is_preset_model = self.spec, self.state, self.model_name == self.spec.model.model_name
+        return {
+            "kind": "images", "preset": spec.name, "model": self.model_name, "dataset": spec.dataset,
+            "scale": spec.scale, "seed": self.seed, "params": self.n_params,
+            "paper_bpd": spec.paper_bpd if is_preset_model else None,
+            "paper_params": spec.paper_params if is_preset_model else None,
+            "iterations": state.step, "steps_per_epoch": self.steps_per_epoch,
+            "epochs": state.step / self.steps_per_epoch, "wall_time_s": state.elapsed_s,
+            "peak_memory_mb": peak_memory_mb(self.ctx.device), "precision": self.policy,
+            "model_config": asdict(self.config), "training_config": asdict(self.training),
+            "train_log": state.log, "evaluations": state.evaluations,
+            "provenance": provenance(self.ctx.device, self.ctx.world_size), "sessions": state.sessions,
+            "description": spec.description, "notes": spec.notes, "stopped_by_time_budget": stopped_by_time_budget,
+        }
 
 
 def _evaluate_curve_point(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageArray,
