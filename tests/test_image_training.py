@@ -203,3 +203,17 @@ def test_a_non_finite_loss_stops_the_image_run_with_an_error(tmp_path, monkeypat
     with pytest.raises(TrainingDiverged, match="training diverged .*iteration 1"):
         run(tmp_path, 2, final_evaluation=False)
     assert "diverged" in (tmp_path / "train.log").read_text()
+
+
+def test_log_jsonl_holds_the_checkpointed_steps_only(tmp_path):
+    """Steps logged after the last checkpoint (a killed run) or by an earlier run that left no
+    checkpoint are not kept twice: log.jsonl is rewritten from the checkpoint when a run starts."""
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "train_surrogate_bpd": 99.0}) + "\n")
+    run(tmp_path, 2, final_evaluation=False)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and lines[0]["train_surrogate_bpd"] != 99.0
+    with open(tmp_path / "log.jsonl", "a") as handle:  # as if step 3 was logged, then the run killed
+        handle.write(json.dumps({"step": 3, "train_surrogate_bpd": 99.0}) + "\n")
+    run(tmp_path, 4, final_evaluation=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -38,7 +38,7 @@ from monoflow.blocks import solver_stats
 from monoflow.data.images import ImageArray, batches_per_epoch, load_image_dataset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
-from monoflow.checkpoint import FolderLock, capture_rng_state, restore_rng_state, save_checkpoint
+from monoflow.checkpoint import FolderLock, atomic_write_text, capture_rng_state, restore_rng_state, save_checkpoint
 from monoflow.images.checkpoint import (check_same_run, checkpoint_path, load_checkpoint, load_rng_state, read_record,
                                        rng_path)
 from monoflow.images.distributed import (DistributedContext, all_reduce_sum, average_gradients, barrier,
@@ -305,6 +305,9 @@ class _ImageRun:
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
         self.checkpoint = None
+        if self.is_main:  # log.jsonl mirrors the checkpoint's log: no lines of steps done after it,
+            # nor of an earlier run in this folder that left no checkpoint
+            atomic_write_text(self.out / "log.jsonl", "".join(json.dumps(entry) + "\n" for entry in self.state.log))
         self.order_cache: Dict[int, np.ndarray] = {}
         self.window_start, self.window_images = time.time(), 0
         self.flow.train()
