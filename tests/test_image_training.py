@@ -217,3 +217,16 @@ def test_log_jsonl_holds_the_checkpointed_steps_only(tmp_path):
     run(tmp_path, 4, final_evaluation=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_cli_stop_after_then_resume(capsys, tmp_path):
+    """``images train --stop-after`` stops with a checkpoint; the same command without it resumes."""
+    command = ["images", "train", "--preset", "digits", "-o", str(tmp_path), "--device", "cpu", "--no-progress",
+               "--iterations", "2", "--eval-every", "0", "--eval-limit", "16", "--draws", "1", "--set", "blocks=1,1",
+               "--set", "growth=8", "--set", "fc_blocks=1", "--set", "n_samples=4"]
+    assert cli_main(command + ["--stop-after", "1"]) == 0
+    run_dir = tmp_path / "images" / "digits" / "monotone" / "seed0"
+    assert load_checkpoint(run_dir)["step"] == 1 and not (run_dir / "run.json").exists()
+    assert cli_main(command) == 0
+    assert json.loads((run_dir / "run.json").read_text())["iterations"] == 2
+    assert "resuming" in (run_dir / "train.log").read_text()

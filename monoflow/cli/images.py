@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
             args.preset, model=args.model, data_root=args.data_root, results_dir=str(_images_dir(args)), seed=args.seed,
             iterations=args.iterations, device=args.device, allow_tf32=args.allow_tf32,
             progress=not args.no_progress, training_overrides=overrides, eval_limit=args.eval_limit,
-            model_overrides=model_overrides or None,
+            model_overrides=model_overrides or None, stop_after=args.stop_after,
         )
     finally:
         close_distributed()
@@ -221,6 +221,8 @@ def register(subparsers) -> None:
     train.add_argument("--draws", type=int, default=None, help="estimator draws of the final evaluation")
     train.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (0: only at the end)")
     train.add_argument("--allow-tf32", action="store_true", help="opt in to TF32 (off: full float32 solves)")
+    train.add_argument("--stop-after", type=int, default=None, metavar="N",
+                       help="stop with a checkpoint after this many optimiser steps in total (rerun to resume)")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=_train)
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from monoflow.blocks import solver_stats
-from monoflow.data.images import ImageArray, batches_per_epoch, load_image_dataset
+from monoflow.data.images import ImageArray, batches_per_epoch, iterate_batches, load_image_dataset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
 from monoflow.checkpoint import FolderLock, atomic_write_text, capture_rng_state, restore_rng_state, save_checkpoint
@@ -308,7 +308,6 @@ class _ImageRun:
         if self.is_main:  # log.jsonl mirrors the checkpoint's log: no lines of steps done after it,
             # nor of an earlier run in this folder that left no checkpoint
             atomic_write_text(self.out / "log.jsonl", "".join(json.dumps(entry) + "\n" for entry in self.state.log))
-        self.order_cache: Dict[int, np.ndarray] = {}
         self.window_start, self.window_images = time.time(), 0
         self.flow.train()
 
@@ -356,10 +355,8 @@ class _ImageRun:
         and dequantisation noise, augmented with the generator of (seed, m)."""
         training, ctx = self.training, self.ctx
         epoch, b = divmod(m, self.batches_per_epoch)
-        if epoch not in self.order_cache:
-            self.order_cache.clear()
-            self.order_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_data))
-        idx = self.order_cache[epoch][b * training.batch_size:(b + 1) * training.batch_size]
+        # the whole global batch: its augmentation and noise do not depend on the number of ranks
+        idx = next(iterate_batches(len(self.train_data), training.batch_size, seed=self.seed, epoch=epoch, start=b))
         k, y = self.train_data.batch(idx)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, 1, m))
         k = augment_batch(k, gen, training.random_flip, training.random_crop_padding)
