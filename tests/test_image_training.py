@@ -230,3 +230,24 @@ def test_cli_stop_after_then_resume(capsys, tmp_path):
     assert cli_main(command) == 0
     assert json.loads((run_dir / "run.json").read_text())["iterations"] == 2
     assert "resuming" in (run_dir / "train.log").read_text()
+
+
+def test_curve_points_use_test_images_spread_over_the_split(tmp_path):
+    """With ``eval_curve_images`` below the test split's size, every curve point evaluates the same
+    images drawn over the whole split (a split ordered by class keeps every class), and says so."""
+    from monoflow.data.images import spread_subset
+
+    ordered = ImageArray(np.repeat(np.arange(10, dtype=np.uint8), 10).reshape(100, 1, 1, 1).repeat(16, 1)
+                         .reshape(100, 1, 4, 4), np.repeat(np.arange(10), 10), 17, "ordered")
+    subset = spread_subset(ordered, 30)
+    assert len(subset) == 30 and len(set(subset.labels.tolist())) >= 8  # the first 30 would be 3 classes
+    assert np.array_equal(subset.labels, spread_subset(ordered, 30).labels)  # the same images each time
+    assert spread_subset(ordered, 100) is ordered
+    record = train_image_flow(
+        "digits", run_dir=str(tmp_path), iterations=2, progress=False, device="cpu",
+        model_overrides={**TINY_MODEL, "logdet": "russian_roulette"},
+        training_overrides={**TINY_TRAINING, "eval_every": 1, "eval_curve_images": 30},
+        train_data=synthetic(40, 0), test_data=ordered, final_evaluation=False)
+    points = record["evaluations"]
+    assert [p["step"] for p in points] == [1] and points[0]["n_test_images"] == 30
+    assert points[0]["curve_subset"] == "spread, seed 0"

@@ -54,6 +54,7 @@ __all__ = [
     "BUNDLED_DATASETS",
     "write_idx",
     "iterate_batches",
+    "spread_subset",
     "batches_per_epoch",
 ]
 
@@ -427,6 +428,16 @@ def load_image_dataset(name: str, root: Optional[PathLike] = None, train: bool =
 
 # ----------------------------------------------------------------------------------------------
 # batching shared by single-process and distributed training
+
+
+def spread_subset(data: ImageArray, n: int, seed: int = 0) -> ImageArray:
+    """``n`` images of ``data`` drawn without replacement by a permutation with ``seed`` (kept in
+    their order): a subset that represents every class even when the split is ordered by class
+    (as ``mnist5k``'s test split is), unlike its first ``n`` images. All of ``data`` if ``n >= len``."""
+    if n >= len(data):
+        return data
+    index = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    return ImageArray(np.asarray(data.images[index]), np.asarray(data.labels[index]), data.n_levels, data.name)
 
 
 def batches_per_epoch(n: int, global_batch: int) -> int:

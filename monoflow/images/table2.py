@@ -284,9 +284,22 @@ def learning_curves(results_dir: PathLike = "results/images", scale: str = "cpu"
     import pandas as pd
 
     rows = [{"dataset": r["dataset"], "model": _model_label(r), "seed": r["seed"], "step": step, "bpd": bpd,
-             "final": step == r["iterations"] and i == len(_curve(r)) - 1}
+             "final": step == r["iterations"] and i == len(_curve(r)) - 1, "test_images": _curve_images(r)}
             for r in _scale_runs(results_dir, scale) for i, (step, bpd) in enumerate(_curve(r))]
-    return pd.DataFrame(rows, columns=["dataset", "model", "seed", "step", "bpd", "final"])
+    return pd.DataFrame(rows, columns=["dataset", "model", "seed", "step", "bpd", "final", "test_images"])
+
+
+def _curve_images(run: dict) -> str:
+    """Which test images a run's learning curve used: ``"all"``, ``"spread, seed 0"``
+    (:func:`~monoflow.data.images.spread_subset`) or, for runs before the spread subset,
+    ``"first N"``: the first N of the split, which on a split ordered by class is a few classes."""
+    points = [e for e in run.get("evaluations", []) if "bpd_test" in e]
+    if not points:
+        return "all"
+    if "curve_subset" in points[0]:
+        return points[0]["curve_subset"]
+    used, total = points[0].get("n_test_images"), run.get("metrics", {}).get("n_test_images")
+    return "all" if used is None or total is None or used >= total else f"first {used}"
 
 
 def late_improvement(run: dict) -> Optional[float]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from monoflow.blocks import solver_stats
-from monoflow.data.images import ImageArray, batches_per_epoch, iterate_batches, load_image_dataset
+from monoflow.data.images import ImageArray, batches_per_epoch, iterate_batches, load_image_dataset, spread_subset
 from monoflow.lipschitz import certify_lipschitz, set_learnable_concat, update_lipschitz
 from monoflow.models.image import ImageFlow, ImagePreset, count_parameters, get_image_preset
 from monoflow.checkpoint import FolderLock, atomic_write_text, capture_rng_state, restore_rng_state, save_checkpoint
@@ -488,12 +488,15 @@ class _ImageRun:
 
 def _evaluate_curve_point(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageArray,
                           ctx: DistributedContext, training, density: bool, seed: int, limit: int) -> Dict[str, Any]:
-    """An evaluation during training: as at the end, or one draw on the first
-    ``eval_curve_images`` test images when the training config sets it (a cheaper learning curve)."""
-    if training.eval_curve_images > 0:
-        limit = min(limit, training.eval_curve_images) if limit > 0 else training.eval_curve_images
-        training = replace(training, n_eval_draws=1)
-    return _evaluate(flow, ema, test_data, ctx, training, density, seed, limit)
+    """An evaluation during training: as at the end, or, when the training config sets
+    ``eval_curve_images``, one draw on that many test images spread over the test split
+    (:func:`~monoflow.data.images.spread_subset`, the same images at every point; a cheaper curve)."""
+    if training.eval_curve_images <= 0:
+        return _evaluate(flow, ema, test_data, ctx, training, density, seed, limit)
+    n = min(limit, training.eval_curve_images) if limit > 0 else training.eval_curve_images
+    subset = spread_subset(test_data, n)
+    point = _evaluate(flow, ema, subset, ctx, replace(training, n_eval_draws=1), density, seed, 0)
+    return {**point, "curve_subset": "all" if subset is test_data else "spread, seed 0"}
 
 
 def _evaluate(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageArray, ctx: DistributedContext,
