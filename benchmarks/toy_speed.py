@@ -20,6 +20,13 @@ Usage::
 The numbers depend on the machine and its load: the JSON records threads, torch version, CPU
 count and the load average at the start, and beside the wall time per iteration the process's
 CPU time per iteration (with one thread, close to the wall time on an idle core).
+
+Beside each time per iteration, ``floor`` gives the step's arithmetic floor: the FLOPs of the
+matrix products of one training step (forward with solves and log-det, backward, Adam and the
+power iterations; :mod:`monoflow.flop_count`, counted once after the timed iterations), the same
+per block in evaluations of g, and ``floor_s``, those FLOPs at the float32 matrix-multiply
+throughput measured in the same process with the same threads; ``times_above_floor`` is the
+measured time over it.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import platform
 import pstats
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +49,9 @@ from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.results import summarize_solver
 from monoflow.experiments.toy2d import ToyExperiment
 from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
+from monoflow.flop_count import (arithmetic_floor, blocks_and_inputs, count_step_flops, g_flops_of_blocks,
+                                 matmul_flops_per_second)
+from monoflow.lipschitz import update_lipschitz
 from monoflow.provenance import benchmark_report, save_benchmark_report
 
 TOY_TARGET_S = 20 * 60 / 50000
@@ -63,6 +73,32 @@ def count_operators(step: Callable[[], Any], iterations: int = 3) -> Dict[str, A
                  and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))]
     return {"operators_per_iteration": len(top_level) / iterations,
             "most_frequent": {name: count / iterations for name, count in Counter(top_level).most_common(8)}}
+
+
+def step_floor(experiment: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
+               seconds: float, flops_per_s: float, loss: Optional[Callable[[], torch.Tensor]] = None) -> Dict[str, Any]:
+    """The arithmetic floor of one training step of ``model`` on ``batch``, against its measured
+    ``seconds``: FLOPs of the matrix products by phase (:func:`monoflow.flop_count.count_step_flops`;
+    ``loss`` defaults to ``experiment.loss(model, batch)``, the update is Adam's step and the power
+    iterations, run eagerly), the same in evaluations of every block's g, and ``floor_s`` =
+    FLOPs / ``flops_per_s``, ``times_above_floor`` = ``seconds / floor_s``. Runs one more step."""
+    blocks, inputs = blocks_and_inputs(model, batch if torch.is_tensor(batch) else batch[0])
+    g_flops = g_flops_of_blocks(blocks, inputs)
+
+    def update() -> None:
+        optimizer.step()
+        update_lipschitz(model, n_iterations=experiment.config.power_iterations)
+
+    optimizer.zero_grad(set_to_none=True)
+    flops = count_step_flops(loss or (lambda: experiment.loss(model, batch)), update)
+    return {
+        "step_flops": flops["step"], "flops": flops, "g_flops_all_blocks": g_flops,
+        # a Jacobian pass (g and its Jacobian propagated, the exact log-det, Newton) counts as 1 + d
+        # evaluations of g in matrix-product FLOPs
+        "g_evaluations_per_block": {phase: value / g_flops for phase, value in flops.items()} if g_flops else None,
+        "seconds_per_step": seconds, "matmul_flops_per_s": flops_per_s,
+        **arithmetic_floor(seconds, flops["step"], flops_per_s),
+    }
 
 
 def _profile_summary(profile: cProfile.Profile, top: int = 15) -> List[Dict[str, Any]]:
@@ -122,8 +158,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure(experiment: Any, iterations: int, warmup: int, profile: bool, device: Any = "cpu",
-            count_ops: bool = False) -> Dict[str, Any]:
-    """Time ``iterations`` training steps of ``experiment`` after ``warmup`` untimed ones."""
+            count_ops: bool = False, flops_per_s: Optional[float] = None) -> Dict[str, Any]:
+    """Time ``iterations`` training steps of ``experiment`` after ``warmup`` untimed ones; with the
+    device's ``flops_per_s``, also the step's arithmetic floor (:func:`step_floor`)."""
     from monoflow.blocks import solver_stats
     from monoflow.lipschitz import set_learnable_concat
 
@@ -177,6 +214,9 @@ def measure(experiment: Any, iterations: int, warmup: int, profile: bool, device
         result["operators"] = count_operators(
             lambda: training_step(experiment, model, optimizer, generator, device, next(steps), scratch))
         result["operators"]["wall_s_per_operator"] = result["per_iteration_s"] / result["operators"]["operators_per_iteration"]
+    if flops_per_s:
+        batch = experiment.sample_batch(generator, device)
+        result["floor"] = step_floor(experiment, model, optimizer, batch, result["per_iteration_s"], flops_per_s)
     return result
 
 
@@ -202,6 +242,8 @@ def main(argv: Any = None) -> int:
     bar = tqdm(total=len(jobs) * len(args.threads), desc="benchmark")
     for threads in args.threads:
         torch.set_num_threads(threads)
+        flops_per_s = matmul_flops_per_second("cpu", repeats=20)  # these threads, this process; best of 20 on a busy machine
+        report.setdefault("matmul_flops_per_s", {})[str(threads)] = flops_per_s
         for experiment_name, model in jobs:
             if experiment_name == "toy2d":
                 experiment = ToyExperiment(toy_config("paper", model=model, dataset="8gaussians"))
@@ -209,7 +251,8 @@ def main(argv: Any = None) -> int:
             else:
                 experiment = RegressionExperiment(regression_config("paper", model=model))
                 iterations, target = args.regression_iterations or args.iterations, REGRESSION_TARGET_S
-            result = measure(experiment, iterations, args.warmup, args.profile, count_ops=args.count_ops)
+            result = measure(experiment, iterations, args.warmup, args.profile, count_ops=args.count_ops,
+                             flops_per_s=flops_per_s)
             result.update(experiment=experiment_name, threads=threads, target_s=target,
                           meets_target=result["per_iteration_s"] < target,
                           projected_run_minutes=result["per_iteration_s"] * experiment.config.iterations / 60)
@@ -220,6 +263,8 @@ def main(argv: Any = None) -> int:
                 + " ".join(f"{k}={1000 * v:.1f}" for k, v in result["breakdown_s"].items())
                 + " [" + ", ".join(f"{k}={1000 * v:.1f}" for k, v in result["sub_phases_s"].items()) + "]"
                 + f"  (target {1000 * target:.0f} ms, full run {result['projected_run_minutes']:.1f} min)"
+                + f"; floor {1e3 * result['floor']['floor_s']:.2f} ms ({result['floor']['step_flops'] / 1e6:.0f} MFLOP), "
+                f"x{result['floor']['times_above_floor']:.0f} above it"
             )
             bar.update(1)
             save_benchmark_report(report, args.output)

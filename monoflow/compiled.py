@@ -24,10 +24,23 @@ Supported: flows of these blocks whose g propagates Jacobians (``DenseNet`` from
 Flow, i-DenseNet and Residual Flow. Every solve's
 residual is checked against the solver's tolerance; a batch where one misses it is recomputed by
 the eager flow (counted in ``fallbacks``), so the loss is never that of an unconverged solve.
+
+Compiling is paid once per machine: torch keeps what Inductor generated (its FX graph cache and
+AOTAutograd's cache, both on by default) in ``TORCHINDUCTOR_CACHE_DIR``, whose default under
+``/tmp`` does not survive a reboot. Unless the user set that variable to another folder,
+:class:`CompiledFlowLoss` and :class:`CompiledUpdate` set it before they compile to
+:func:`compile_cache_dir`'s ``~/.cache/monoflow/torch_compile`` (under ``$XDG_CACHE_HOME`` when
+that is set), so a later run of the same architecture, in another process, loads the compiled
+graphs instead of generating them again. Dynamo still traces the
+Python code in every process, and AOTAutograd traces again a graph that holds custom autograd
+Functions (Monotone Flow's CPila), which torch does not cache by default
+(``benchmarks/compiled_loss_speed.py --compile-cache`` measures a first and a second process).
+Set ``TORCHINDUCTOR_CACHE_DIR`` to keep the caches elsewhere.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from typing import Hashable, Iterator, List, Optional, Tuple
@@ -40,12 +53,34 @@ from monoflow.lipschitz import DenseNet, LipschitzChain, LipschitzDenseLayer, up
 from monoflow.logdet import ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
 
-__all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "newton_resolvent"]
+__all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "compile_cache_dir", "newton_resolvent"]
 
 
 #: Newton converges quadratically: from w = b, 3 steps and the differentiable one reach float32
 #: precision on the trained toy models (the residual at the solution is checked on every batch).
 DEFAULT_NEWTON_STEPS = 3
+
+
+def compile_cache_dir() -> str:
+    """The folder of torch's compile caches, ``TORCHINDUCTOR_CACHE_DIR``. Where that is unset or
+    torch's default under ``/tmp`` (``import torch._dynamo``, which creating an optimiser does,
+    writes the default into the variable), sets it to ``~/.cache/monoflow/torch_compile``
+    (``$XDG_CACHE_HOME/monoflow/torch_compile``), which survives a reboot, and returns that; any
+    other folder is the user's and is kept. Inductor and AOTAutograd read the variable at every
+    lookup, so this holds from the next compile on; a folder that cannot be created leaves torch's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder and os.path.abspath(folder) != os.path.abspath(default_cache_dir()):
+        return folder
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    mine = os.path.join(base, "monoflow", "torch_compile")
+    try:
+        os.makedirs(mine, exist_ok=True)
+    except OSError:
+        return folder or default_cache_dir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = mine
+    return mine
 
 
 def _run_compiled(function, what: str, *args):
@@ -149,11 +184,12 @@ class CompiledFlowLoss:
     as one compiled graph (see the module's docstring), with the value and gradients of
     ``-flow.log_prob(x).mean()`` up to the solves' residuals.
 
-    The first call compiles (minutes for the paper's 10-block toy models on a CPU; the inductor
-    cache on disk shortens later compiles of the same architecture); switching learnable
-    concatenation on compiles once more. Each monotone block's ``last_solves["forward"]``
-    records the Newton solve. A solve converged where :math:`\|w + g(w) - b\| \le
-    \text{atol}\sqrt d + \text{rtol}\,\|w\|` (the solver's test) with both norms finite;
+    The first call compiles (minutes for the paper's 10-block toy models on a CPU; the compile
+    cache on disk, :func:`compile_cache_dir`, shortens later compiles of the same architecture,
+    in any process); switching learnable concatenation on compiles once more. Each monotone
+    block's ``last_solves["forward"]`` records the Newton solve. A solve converged where
+    :math:`\|w + g(w) - b\| \le \text{atol}\sqrt d + \text{rtol}\,\|w\|` (the solver's test) with
+    both norms finite;
     ``batches`` and ``fallbacks`` count the calls and those recomputed by the eager flow because a
     solve missed it.
     ``compiles`` and ``compile_s`` count the compilations and their time: a call that finds a new
@@ -180,6 +216,7 @@ class CompiledFlowLoss:
         self.fallbacks = 0
         self._compilations = _Compilations()
         steps = newton_steps
+        compile_cache_dir()
         self._loss = torch.compile(lambda x: _flow_loss(flow, x, steps), fullgraph=True, dynamic=False)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -246,6 +283,7 @@ class CompiledUpdate:
             raise ValueError(f"power_iterations must be a non-negative int, got {power_iterations!r}")
         self.model, self.optimizer, self.power_iterations = model, optimizer, power_iterations
         self._compilations = _Compilations()
+        compile_cache_dir()
         self._update = torch.compile(self._eager)
 
     def _eager(self) -> None:

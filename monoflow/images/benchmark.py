@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from monoflow.flop_count import blocks_and_inputs, count_flops, g_flops_of_blocks, matmul_flops_per_second
+from monoflow.flop_count import synchronize as _synchronize
 from monoflow.provenance import provenance
 
 __all__ = ["measure_training", "compare_models", "step_cost", "matmul_flops_per_second", "main"]
@@ -112,54 +114,6 @@ def measure_training(preset: str, model: Optional[str], *, steps: int, batch_siz
     }
 
 
-def matmul_flops_per_second(device, size: Optional[int] = None, repeats: int = 5) -> float:
-    """Measured float32 matrix-multiply throughput of ``device`` (the best of ``repeats``)."""
-    import torch
-
-    device = torch.device(device)
-    size = size or (4096 if device.type == "cuda" else 1024)
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
-def _flop_counting_mode():
-    """A dispatch mode summing the FLOPs of matrix products and convolutions (torch's own FLOP
-    formulas, ``torch.utils.flop_counter.flop_registry``). ``FlopCounterMode`` itself tracks
-    modules with hooks that ``torch.autograd.grad`` inside a forward (the log-det estimator)
-    does not support, so only its formulas are used here."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class _CountFlops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.flops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.flops += int(formula(*args, **kwargs, out_val=out))
-            return out
-
-    return _CountFlops()
-
-
-def _synchronize(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step_cost_inputs(preset: str, model: Optional[str], device: Optional[str], batch_size: int,
                       model_overrides: Optional[dict], seed: int):
     """``(config, device, flow, k, noise, x)``: the seeded model of :func:`step_cost` and one batch of
@@ -180,31 +134,6 @@ def _step_cost_inputs(preset: str, model: Optional[str], device: Optional[str], 
     noise = torch.rand(k.shape, device=dev)
     x = (k.float() + noise) / config.n_levels
     return config, dev, flow, k, noise, x
-
-
-def _blocks_and_inputs(flow, x) -> tuple:
-    """``(blocks, inputs)``: the flow's monotone / residual blocks and the input each sees, from
-    one no-grad pass (which also initialises ActNorm and the power-iteration state)."""
-    import torch
-
-    from monoflow.blocks import MonotoneBlock, ResidualBlock
-
-    blocks = [m for m in flow.modules() if isinstance(m, (MonotoneBlock, ResidualBlock))]
-    inputs: Dict[int, Any] = {}
-    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, args[0].detach()))
-             for i, b in enumerate(blocks)]
-    with torch.no_grad():
-        flow(x, with_logdet=False)  # ActNorm initialisation, power-iteration state, block inputs
-    for hook in hooks:
-        hook.remove()
-    return blocks, inputs
-
-
-def _counted(fn):
-    """``(FLOPs, fn())``: fn run under :func:`_flop_counting_mode`."""
-    with _flop_counting_mode() as counter:
-        result = fn()
-    return counter.flops, result
 
 
 def _timed(fn, device):
@@ -233,14 +162,8 @@ def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str]
     from monoflow.lipschitz import update_lipschitz
 
     config, dev, flow, k, noise, x = _step_cost_inputs(preset, model, device, batch_size, model_overrides, seed)
-    blocks, inputs = _blocks_and_inputs(flow, x)
+    blocks, inputs = blocks_and_inputs(flow, x)
     flow.train()
-
-    def one_g_each():
-        with torch.no_grad():
-            for i, block in enumerate(blocks):
-                w = inputs[i]
-                block.g(w.flatten(1) if w.dim() == 2 else w)
 
     def solve_only():
         with torch.no_grad():
@@ -249,10 +172,10 @@ def step_cost(preset: str, model: Optional[str] = None, *, device: Optional[str]
     def loss():
         return flow.bits_per_dim(k, noise=noise).mean()
 
-    g_flops, _ = _counted(one_g_each)
-    solve_flops, _ = _counted(solve_only)
-    forward_flops, value = _counted(loss)
-    backward_flops, _ = _counted(value.backward)
+    g_flops = g_flops_of_blocks(blocks, inputs)
+    solve_flops, _ = count_flops(solve_only)
+    forward_flops, value = count_flops(loss)
+    backward_flops, _ = count_flops(value.backward)
     solve_s, _ = _timed(solve_only, dev)
     forward_s, value = _timed(loss, dev)
     backward_s, _ = _timed(value.backward, dev)
