@@ -274,7 +274,13 @@ class _ImageRun:
             RunLog(self.log_path, echo=True)(message)
 
     def _checkpoint(self) -> Optional[Dict[str, Any]]:
-        """The run folder's checkpoint, refused if it is another run's or another configuration's."""
+        """The run folder's checkpoint, refused if it is another run's or another configuration's.
+        Read once: the check inside the lock reuses the state read before it, unless the file changed."""
+        path = checkpoint_path(self.out)
+        stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+        if stamp is not None and stamp == getattr(self, "_checkpoint_stamp", None):
+            return self.checkpoint
+        self._checkpoint_stamp = stamp
         state = load_checkpoint(self.out, map_location=self.ctx.device)
         if state is not None:
             if state["preset"] != self.spec.name or state["model_name"] != self.model_name:
