@@ -175,6 +175,8 @@ def _transforms_active() -> bool:
 
 
 def _apply_pila(x: torch.Tensor, k: float) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # no graph to record (the solvers' iterations): the plain ops
+        return pila(x, k)
     function = _PilaFunctionTransformable if _transforms_active() else _PilaFunction
     return function.apply(x, k)
 

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import MonotoneBlock, ResidualBlock
+from monoflow.implicit import solve_small
 from monoflow.lipschitz import DenseNet, LipschitzChain, LipschitzDenseLayer, update_lipschitz
 from monoflow.logdet import ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
@@ -116,18 +117,6 @@ class _Compilations:
         self._key = key
 
 
-def _solve_small(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """``matrix^-1 rhs`` for batches of d x d matrices (B, d, d) and vectors (B, d); closed form for d <= 2."""
-    d = matrix.shape[-1]
-    if d == 1:
-        return rhs / matrix[:, 0]
-    if d == 2:
-        a, b, c, e = matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1]
-        det = a * e - b * c
-        return torch.stack([e * rhs[:, 0] - b * rhs[:, 1], a * rhs[:, 1] - c * rhs[:, 0]], dim=1) / det[:, None]
-    return torch.linalg.solve(matrix, rhs.unsqueeze(-1)).squeeze(-1)
-
-
 def newton_resolvent(g: nn.Module, b: Tensor, steps: int) -> Tuple[Tensor, Tensor, Tensor]:
     r"""``(w, g(w), dg/dw)`` at the solution of :math:`w + g(w) = b` after ``steps`` Newton steps
     and the differentiable one (see the module's docstring): ``w`` has the implicit gradients,
@@ -139,9 +128,9 @@ def newton_resolvent(g: nn.Module, b: Tensor, steps: int) -> Tuple[Tensor, Tenso
         w = target
         for _ in range(steps):
             value, jac = g.jacobian(w)
-            w = w - _solve_small(eye + jac, w + value - target)
+            w = w - solve_small(eye + jac, w + value - target)
     value, jac = g.jacobian(w)
-    w = w - _solve_small(eye + jac.detach(), w + value - b)
+    w = w - solve_small(eye + jac.detach(), w + value - b)
     return (w,) + g.jacobian(w)
 
 
@@ -215,6 +204,10 @@ class CompiledFlowLoss:
         self.batches = 0
         self.fallbacks = 0
         self._compilations = _Compilations()
+        # what the graph depends on besides the batch's shape (see __call__), listed once
+        self._parameters = list(flow.parameters())
+        self._dense_layers = [m for m in flow.modules() if isinstance(m, LipschitzDenseLayer)]
+        self._monotone = [block for block in flow.blocks if isinstance(block, MonotoneBlock)]
         steps = newton_steps
         compile_cache_dir()
         self._loss = torch.compile(lambda x: _flow_loss(flow, x, steps), fullgraph=True, dynamic=False)
@@ -226,8 +219,8 @@ class CompiledFlowLoss:
             raise ValueError(f"CompiledFlowLoss expects a batch of shape (batch, {dim or 'd'}), got {shape}")
         # what the compiled graph depends on besides the batch's shape: which parameters train,
         # and whether the concatenation scales are used (learnable concatenation)
-        trainable = (tuple(p.requires_grad for p in self.flow.parameters()),
-                     tuple(m.learnable_concat for m in self.flow.modules() if isinstance(m, LipschitzDenseLayer)))
+        trainable = (tuple(p.requires_grad for p in self._parameters),
+                     tuple(m.learnable_concat for m in self._dense_layers))
         with self._compilations.timed(trainable) as new:
             if new:  # torch.compile traces and compiles (again) here
                 warm_up, _, _ = _run_compiled(self._loss, "the training loss", x)
@@ -255,19 +248,18 @@ class CompiledFlowLoss:
         atol, rtol = default_tolerances(x.dtype)
         atol = atol if self.atol is None else self.atol
         rtol = rtol if self.rtol is None else self.rtol
-        monotone = [block for block in self.flow.blocks if isinstance(block, MonotoneBlock)]
-        everywhere = True
-        for block, residual, norm in zip(monotone, residuals, norms):
-            # an overflowing solve has residual and tolerance both inf, and inf <= inf holds: only a
-            # finite residual at a finite solution can be converged (SolverInfo masks the residual too)
-            converged = (residual <= atol * math.sqrt(x.shape[1]) + rtol * norm) & torch.isfinite(norm)
-            iterations = torch.full_like(residual, self.newton_steps + 1, dtype=torch.long)
+        if not self._monotone:
+            return True
+        # an overflowing solve has residual and tolerance both inf, and inf <= inf holds: only a
+        # finite residual at a finite solution can be converged (SolverInfo masks the residual too)
+        residual, norm = torch.stack(residuals), torch.stack(norms)
+        converged = (residual <= atol * math.sqrt(x.shape[1]) + rtol * norm) & torch.isfinite(norm)
+        iterations = torch.full_like(residuals[0], self.newton_steps + 1, dtype=torch.long)
+        for block, block_residual, block_converged in zip(self._monotone, residuals, converged):
             block.last_solves.pop("adjoint", None)  # the gradient is a direct solve inside the graph
-            info = SolverInfo(iterations=iterations, residual=residual, converged=converged,
-                              evaluations=self.newton_steps + 1)
-            block.last_solves["forward"] = info
-            everywhere = everywhere and info.all_converged
-        return everywhere
+            block.last_solves["forward"] = SolverInfo(iterations=iterations, residual=block_residual,
+                                                      converged=block_converged, evaluations=self.newton_steps + 1)
+        return bool(converged.all())  # one synchronisation for all blocks
 
 
 class CompiledUpdate:
@@ -283,6 +275,7 @@ class CompiledUpdate:
             raise ValueError(f"power_iterations must be a non-negative int, got {power_iterations!r}")
         self.model, self.optimizer, self.power_iterations = model, optimizer, power_iterations
         self._compilations = _Compilations()
+        self._parameters = list(model.parameters())
         compile_cache_dir()
         self._update = torch.compile(self._eager)
 
@@ -292,7 +285,7 @@ class CompiledUpdate:
 
     def __call__(self) -> None:
         key = (tuple(group["lr"] for group in self.optimizer.param_groups),
-               tuple(p.grad is not None for p in self.model.parameters()))
+               tuple(p.grad is not None for p in self._parameters))
         with self._compilations.timed(key):
             _run_compiled(self._update, "the parameter update")
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from monoflow.scalar_resolvent import scalar_resolvent_solve
 from monoflow.solvers import SolverInfo, SolverOptions, fixed_point_solve
 
-__all__ = ["solve_resolvent", "DEFAULT_FORWARD", "DEFAULT_ADJOINT"]
+__all__ = ["solve_resolvent", "solve_small", "DEFAULT_FORWARD", "DEFAULT_ADJOINT"]
 
 #: forward solves: tolerances chosen by dtype (float32 reachable), generous cap
 DEFAULT_FORWARD = SolverOptions()
@@ -36,6 +36,18 @@ DEFAULT_FORWARD = SolverOptions()
 DEFAULT_ADJOINT = SolverOptions(atol=0.0)
 
 StatsSink = Optional[Callable[[str, SolverInfo], None]]
+
+
+def solve_small(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """``matrix^-1 rhs`` for batches of d x d matrices (B, d, d) and vectors (B, d); closed form for d <= 2."""
+    d = matrix.shape[-1]
+    if d == 1:
+        return rhs / matrix[:, 0]
+    if d == 2:
+        a, b, c, e = matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1]
+        det = a * e - b * c
+        return torch.stack([e * rhs[:, 0] - b * rhs[:, 1], a * rhs[:, 1] - c * rhs[:, 0]], dim=1) / det[:, None]
+    return torch.linalg.solve(matrix, rhs.unsqueeze(-1)).squeeze(-1)
 
 
 def _direct_adjoint(g: nn.Module, z_star: Tensor, v: Tensor, sign: float,
@@ -52,7 +64,7 @@ def _direct_adjoint(g: nn.Module, z_star: Tensor, v: Tensor, sign: float,
         if J is None:
             _, J = g.jacobian(z_star)
         eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
-        u = torch.linalg.solve(eye + sign * J.transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
+        u = solve_small(eye + sign * J.transpose(1, 2), v)
         residual = (u + sign * (J.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1) - v).norm(dim=1)
     batch = v.shape[0]
     info = SolverInfo(

@@ -224,6 +224,19 @@ def test_no_grad_forward_equals_the_layer_by_layer_map(activation):
     def check():
         with torch.no_grad():
             torch.testing.assert_close(g(w), by_layer(w), rtol=1e-12, atol=1e-13)
+        # with autograd the scales are folded into the weights too: same value and gradients
+        x = w.clone().requires_grad_(True)
+        probe = torch.randn(6, 3, dtype=F64)
+        folded = torch.autograd.grad((g(x) * probe).sum(), [x, *g.parameters()], allow_unused=True)
+        with torch.enable_grad():
+            layered = x
+            for layer in g.layers:
+                layered = layer(layered)
+        reference = torch.autograd.grad((layered * probe).sum(), [x, *g.parameters()], allow_unused=True)
+        for mine, theirs in zip(folded, reference):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                torch.testing.assert_close(mine, theirs, rtol=1e-11, atol=1e-12)
             value, jac = g.jacobian(w)  # the same cached weights
         value_grad, jac_grad = g.jacobian(w)  # the scaled weights recomputed with autograd
         torch.testing.assert_close(value, by_layer(w), rtol=1e-12, atol=1e-13)

@@ -83,3 +83,17 @@ def test_float32_default_tolerance_is_reachable():
         warnings.simplefilter("error")
         _, info = fixed_point_solve(f, b.float(), SolverOptions())
     assert info.all_converged and info.iterations.max() < 40
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_solve_small_matches_a_dense_solve(d):
+    """The closed forms (d <= 2) and the dense fallback solve batches of small systems; the direct
+    adjoint and the compiled Newton steps use them."""
+    from monoflow.implicit import solve_small
+
+    torch.manual_seed(d)
+    matrix = torch.eye(d, dtype=torch.float64) + 0.4 * torch.randn(64, d, d, dtype=torch.float64)
+    rhs = torch.randn(64, d, dtype=torch.float64)
+    solution = solve_small(matrix, rhs)
+    torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close((matrix @ solution.unsqueeze(-1)).squeeze(-1), rhs)

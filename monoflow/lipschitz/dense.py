@@ -171,11 +171,29 @@ class DenseNet(nn.Module):
             type(layer) is LipschitzDenseLayer and type(layer.linear) is SpectralNormLinear for layer in dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._flat and x.dim() == 2 and not torch.is_grad_enabled():
-            return self._forward_into_buffer(x)
+        if self._flat and x.dim() == 2:
+            return self._forward_into_buffer(x) if not torch.is_grad_enabled() else self._forward_folded(x)
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The same map with autograd, the scales folded into the weights as in
+        :meth:`_forward_into_buffer`: the features :math:`u = [x, a_1, a_2, \dots]` are concatenated
+        unscaled, so no batch-sized feature (or its gradient) is multiplied by an :math:`\eta`;
+        the :math:`\eta`'s gradients come from weight-sized products."""
+        *dense, last = self.layers
+        weights = self._folded_weights(x.shape[1])
+        features = x
+        for layer, weight in zip(dense, weights):
+            features = torch.cat([features, layer.activation(F.linear(features, weight, layer.linear.bias))], dim=1)
+        return F.linear(features, weights[-1], last.bias)
+
+    def _folded_weights(self, width: int) -> List[torch.Tensor]:
+        """:meth:`_scaled_weights` with autograd, computed once per flow pass
+        (:func:`~monoflow.lipschitz.reuse_parameter_transforms`): the graph evaluation at a solution
+        and the log-det's Jacobian pass share them."""
+        return _reused(self, ("folded_weights", width, torch.is_grad_enabled()), lambda: self._scaled_weights(width))
 
     def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
         r"""The same map without autograd (fixed-point solves), without copying features: the
@@ -195,7 +213,12 @@ class DenseNet(nn.Module):
         return F.linear(features, weights[-1], last.bias)
 
     def _column_scaled_weights(self, width: int) -> List[torch.Tensor]:
-        r""":meth:`_scaled_weights` without autograd, cached until a parameter changes."""
+        r""":meth:`_scaled_weights` without autograd, cached until a parameter changes; within a flow
+        pass (:func:`~monoflow.lipschitz.reuse_parameter_transforms`, where parameters cannot
+        change) the cache's version check runs once, not at every evaluation of a solve."""
+        return _reused(self, ("column_scaled_weights", width), lambda: self._checked_column_scaled_weights(width))
+
+    def _checked_column_scaled_weights(self, width: int) -> List[torch.Tensor]:
         *dense, last = self.layers
         linears = [layer.linear for layer in dense] + [last]
         key = (width, tuple(layer.learnable_concat for layer in dense),
@@ -243,7 +266,7 @@ class DenseNet(nn.Module):
         # the eta's folded into the next layers' weights (see _scaled_weights): no rescaling of
         # batch-sized features and Jacobians, and cheap gradients for learnable concatenation
         eager_no_grad = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        weights = (self._column_scaled_weights if eager_no_grad else self._scaled_weights)(w.shape[1])
+        weights = (self._column_scaled_weights if eager_no_grad else self._folded_weights)(w.shape[1])
         *dense, last = self.layers
         batch, dim = w.shape
         jac = torch.eye(dim, dtype=w.dtype, device=w.device).expand(batch, dim, dim)  # transposed, (B, d, channels)
