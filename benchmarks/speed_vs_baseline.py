@@ -60,7 +60,7 @@ def export_baseline(revision: str) -> Path:
 
 # ---------------------------------------------------------------- the worker (one per side)
 
-def _worker(case: str, threads: int) -> None:
+def _worker(case: str, threads: int, cpus: List[int]) -> None:
     """Reads ``<steps>`` lines on stdin, trains that many steps, answers one JSON line each."""
     import torch
 
@@ -72,6 +72,8 @@ def _worker(case: str, threads: int) -> None:
     from monoflow.lipschitz import set_learnable_concat
 
     torch.set_num_threads(threads)
+    if cpus:  # both sides on the same cores: neither gets a quieter core than the other
+        os.sched_setaffinity(0, cpus)
     kind, model_name, *mode = case.split(":")
     if kind == "toy":
         config = toy_config("paper", model=model_name, dataset="8gaussians", seed=0)
@@ -99,9 +101,10 @@ def _worker(case: str, threads: int) -> None:
 
 
 class _Side:
-    def __init__(self, case: str, package_root: Path, threads: int) -> None:
+    def __init__(self, case: str, package_root: Path, threads: int, cpus: List[int]) -> None:
         env = dict(os.environ, PYTHONPATH=str(package_root))
-        self.process = subprocess.Popen([sys.executable, __file__, "--worker", case, "--threads", str(threads)],
+        pinning = ["--cpus", *map(str, cpus)] if cpus else []
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker", case, "--threads", str(threads), *pinning],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         hello = json.loads(self._line())
         if Path(hello["monoflow"]).resolve() != (package_root / "monoflow").resolve():
@@ -126,9 +129,9 @@ class _Side:
         self.process.wait(timeout=60)
 
 
-def compare(case: str, baseline_root: Path, rounds: int, steps: int, threads: int) -> Dict[str, Any]:
+def compare(case: str, baseline_root: Path, rounds: int, steps: int, threads: int, cpus: List[int]) -> Dict[str, Any]:
     """Alternating rounds of the two sides; the first round (compiling, warm-up) is not timed."""
-    sides = {"baseline": _Side(case, baseline_root, threads), "current": _Side(case, ROOT, threads)}
+    sides = {"baseline": _Side(case, baseline_root, threads, cpus), "current": _Side(case, ROOT, threads, cpus)}
     try:
         first = {name: side.train(steps) * steps for name, side in sides.items()}
         times: Dict[str, List[float]] = {name: [] for name in sides}
@@ -161,10 +164,12 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 20 toy, 4 regression)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed_vs_baseline.json")
+    parser.add_argument("--cpus", type=int, nargs="+", default=[],
+                        help="pin both workers to these CPU cores (e.g. the one that no other job uses)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.threads)
+        _worker(args.worker, args.threads, args.cpus)
         return 0
     for case in args.cases:
         parts = case.split(":")
@@ -179,11 +184,12 @@ def main(argv: Any = None) -> int:
     torch.set_num_threads(args.threads)  # the workers' threads, as provenance records them
     baseline_root = export_baseline(args.baseline)
     report = benchmark_report("cpu")
+    report["pinned_cpus"] = args.cpus
     report["baseline"] = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, check=True,
                                         capture_output=True, text=True).stdout.strip()
     for case in args.cases:
         steps = args.steps or (4 if case.startswith("regression") else 20)
-        row = compare(case, baseline_root, args.rounds, steps, args.threads)
+        row = compare(case, baseline_root, args.rounds, steps, args.threads, args.cpus)
         report["runs"].append(row)
         print(f"{case:28s} baseline {1000 * row['baseline_s_per_step']:8.1f} ms  current "
               f"{1000 * row['current_s_per_step']:8.1f} ms  x{row['speedup']:.2f}  "

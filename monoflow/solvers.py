@@ -188,10 +188,6 @@ def report_failure(info: "SolverInfo", options: SolverOptions, atol: float, rtol
         warnings.warn(message, SolverWarning, stacklevel=4)
 
 
-def _flat_norm(z: Tensor) -> Tensor:
-    return z.reshape(z.shape[0], -1).norm(dim=1)
-
-
 def _anderson_step(X: Tensor, F: Tensor, count: int, regularization: float) -> Tensor:
     """Anderson mixing of the last ``count`` iterates: minimise ||sum a_j (F_j - X_j)|| with sum a_j = 1."""
     G = (F[:, :count] - X[:, :count]).double()  # (b, m, n)
