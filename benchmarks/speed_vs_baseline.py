@@ -166,6 +166,8 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed_vs_baseline.json")
     parser.add_argument("--cpus", type=int, nargs="+", default=[],
                         help="pin both workers to these CPU cores (e.g. the one that no other job uses)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other cases of an existing report at --output (same baseline); replace these")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -187,9 +189,16 @@ def main(argv: Any = None) -> int:
     report["pinned_cpus"] = args.cpus
     report["baseline"] = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, check=True,
                                         capture_output=True, text=True).stdout.strip()
+    if args.update and args.output.is_file():
+        earlier = json.loads(args.output.read_text())
+        if earlier.get("baseline") != report["baseline"]:
+            parser.error(f"{args.output} compares with another baseline ({earlier.get('baseline')}); use another --output")
+        report["runs"] = [run for run in earlier["runs"] if run["case"] not in args.cases]
     for case in args.cases:
         steps = args.steps or (4 if case.startswith("regression") else 20)
         row = compare(case, baseline_root, args.rounds, steps, args.threads, args.cpus)
+        row["measured"] = {"created": report["provenance"]["created"], "commit": report["provenance"]["git_commit"],
+                           "load_average_at_start": report["load_average_at_start"]}
         report["runs"].append(row)
         print(f"{case:28s} baseline {1000 * row['baseline_s_per_step']:8.1f} ms  current "
               f"{1000 * row['current_s_per_step']:8.1f} ms  x{row['speedup']:.2f}  "

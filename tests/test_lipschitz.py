@@ -508,3 +508,28 @@ def test_small_conv_layers_certify_below_one_where_the_fft_bound_does_not():
     assert exact == pytest.approx(0.98, rel=1e-6)
     assert conv_operator_norm_bound(weight, (4, 4), (1, 1)) > 1.0  # the loose circular bound
     assert layer.lipschitz_bound() == pytest.approx(exact, rel=1e-8) and layer.lipschitz_bound() < 1.0
+
+
+def test_no_grad_weights_are_checked_once_per_pass_and_again_after_it():
+    """Inside a flow pass the folded no-grad weights are computed once (parameters cannot change
+    there); a parameter changed between passes gives new weights in the next pass."""
+    from monoflow.lipschitz import reuse_parameter_transforms
+
+    torch.manual_seed(3)
+    g = dense_mlp(2, 2, 8, coeff=0.9).double()
+    set_learnable_concat(g, True)
+    w = torch.randn(5, 2, dtype=F64)
+    with torch.no_grad(), reuse_parameter_transforms():
+        assert g._column_scaled_weights(2) is g._column_scaled_weights(2)
+        before = g(w)
+    with torch.no_grad():
+        g.layers[0].K2.add_(0.7)
+        g.layers[1].linear.weight.mul_(0.5)
+    with torch.no_grad(), reuse_parameter_transforms():
+        after = g(w)
+    with torch.enable_grad():
+        expected = w
+        for layer in g.layers:
+            expected = layer(expected)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected.detach(), rtol=1e-12, atol=1e-13)
