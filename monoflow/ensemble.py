@@ -198,15 +198,32 @@ class EnsembleChain(_StackedNetwork):
             _check_activations([layer for layer in member if type(layer) is not SpectralNormLinear])
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, with_jacobian=False)[0]
+
+    def jacobian(self, w: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(g(w), J)`` with ``J[i] = dg_e/dw`` at row i (e its member), shape (E*B, d, d),
+        propagated forwards as :class:`~monoflow.lipschitz.LipschitzChain` does."""
+        if w.dim() != 2:
+            raise ValueError(f"EnsembleChain.jacobian expects flat inputs (rows, d), got {tuple(w.shape)}")
+        return self._run(w, with_jacobian=True)  # type: ignore[return-value]
+
+    def _run(self, x: Tensor, with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor]]:
         rows = self._rows_per_member(x)
+        jac = None
+        if with_jacobian:  # transposed, (rows, d, channels): each linear map is one bmm
+            jac = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], x.shape[1], x.shape[1])
         for position, first in enumerate(self.members[0]):
             layers = [member[position] for member in self.members]
             if type(first) is SpectralNormLinear:
                 x = self._linear(position, layers, x)
+                jac = None if jac is None else self._linear(position, layers, jac)
                 continue
             beta = self._beta(position, layers, rows)
+            if jac is not None:
+                slope = first.derivative(x) if beta is None else first.derivative_with_beta(x, beta)
+                jac = slope.unsqueeze(1) * jac
             x = first(x) if beta is None else first.forward_with_beta(x, beta)
-        return x
+        return x, None if jac is None else jac.transpose(1, 2)
 
     def lipschitz_bound(self) -> float:
         """The largest member bound (product of each chain's layer bounds)."""

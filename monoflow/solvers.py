@@ -44,6 +44,7 @@ __all__ = [
 
 FAILURE_POLICIES = ("warn", "raise", "nan")
 METHODS = ("anderson", "picard", "direct", "scalar")
+STARTS = ("rhs", "newton")
 
 
 class SolverError(RuntimeError):
@@ -80,6 +81,11 @@ class SolverOptions:
         regularization: relative Tikhonov term of Anderson's least-squares problem.
         on_failure: ``"warn"``, ``"raise"`` or ``"nan"`` for samples that do not converge.
         table_points: grid points of the ``"scalar"`` method's table.
+        start: where a resolvent solve :math:`z + s\\,g(z) = b` starts: ``"rhs"`` (default),
+            :math:`z_0 = b`; or ``"newton"``, one Newton step from b,
+            :math:`z_0 = b - (I + s J(b))^{-1} s\\,g(b)`, for flat inputs whose g provides
+            ``jacobian(w)`` (the toy models): one Jacobian pass that saves several iterations.
+            The stopping test is the same, so the solution is too, within the tolerance.
         freeze_converged: stop evaluating samples once they converge (default). With ``False``
             f always sees the whole batch (for maps that need every row in its place, such as an
             ensemble of networks that sends each block of rows to its own member); a converged
@@ -96,6 +102,7 @@ class SolverOptions:
     on_failure: str = "warn"
     freeze_converged: bool = True
     table_points: int = 512
+    start: str = "rhs"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -104,6 +111,8 @@ class SolverOptions:
             raise ValueError(
                 f"unknown on_failure policy {self.on_failure!r}; expected one of {FAILURE_POLICIES}"
             )
+        if self.start not in STARTS:
+            raise ValueError(f"unknown solver start {self.start!r}; expected one of {STARTS}")
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
         if self.table_points < 2:

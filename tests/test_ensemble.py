@@ -76,6 +76,27 @@ def test_ensemble_jacobian_matches_each_member_and_autograd():
         assert torch.allclose(jac[rows], autograd, atol=1e-10)
 
 
+def test_ensemble_chain_jacobian_matches_each_member_and_autograd():
+    """Residual Flow's stacked chains propagate Jacobians too (the Newton start of their solves)."""
+    from monoflow.ensemble import EnsembleChain
+    from monoflow.models.toy import lipswish_mlp
+
+    torch.manual_seed(2)
+    members = [lipswish_mlp(2, [6, 6], coeff=0.9).double() for _ in range(2)]
+    for member in members:
+        for parameter in member.parameters():
+            parameter.data.add_(0.2 * torch.randn_like(parameter))
+    g = EnsembleChain(members)
+    w = torch.randn(8, 2, dtype=torch.float64)
+    value, jac = g.jacobian(w)
+    torch.testing.assert_close(value, g(w))
+    for index, member in enumerate(members):
+        rows = slice(4 * index, 4 * index + 4)
+        member_value, member_jac = member.jacobian(w[rows])
+        torch.testing.assert_close(value[rows], member_value, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jac[rows], member_jac, rtol=1e-12, atol=1e-12)
+
+
 def test_stacking_errors_name_the_problem():
     flows = [toy_flow("monotone", nblocks=2, depth=1, growth=4) for _ in range(2)]
     with pytest.raises(ValueError, match="multiple of 2 rows"):

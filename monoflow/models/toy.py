@@ -42,6 +42,8 @@ def lipswish_mlp(dim: int, hidden: Sequence[int], coeff: float = 0.9) -> Lipschi
 
 #: the forward solves of the 1-D flows: one number per sample (monoflow.scalar_resolvent)
 REGRESSION_SOLVER = SolverOptions(method="scalar")
+#: the solves of the 2-D flows: Anderson from one Newton step (g propagates its 2x2 Jacobian)
+TOY_SOLVER = SolverOptions(start="newton")
 
 
 def _small_dim_adjoint(has_jacobian: bool) -> Optional[SolverOptions]:
@@ -77,14 +79,16 @@ def toy_flow(
         dim, nblocks, depth, growth, coeff, lip_coeff: architecture (defaults: the paper's).
         logdet: log-det estimator of every block (the paper uses the exact one in 2-D).
         actnorm: add an ActNorm after every block (the paper's toy runs have none).
-        solver, adjoint: fixed-point solver settings (default adjoint: ``"direct"``, a dense
-            2x2 solve per sample, for the DenseNet kinds).
+        solver, adjoint: fixed-point solver settings (default solver: :data:`TOY_SOLVER`,
+            Anderson started from one Newton step; default adjoint: ``"direct"``, a dense 2x2
+            solve per sample, for the DenseNet kinds).
 
     >>> sum(p.numel() for p in toy_flow("monotone").parameters())
     5640
     """
     _check_choice(kind, TOY_KINDS, "toy flow kind")
     adjoint = adjoint or _small_dim_adjoint(kind != "resflow")
+    solver = solver or TOY_SOLVER
     blocks: List[nn.Module] = []
     for _ in range(nblocks):
         if kind == "monotone":
