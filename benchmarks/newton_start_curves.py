@@ -1,6 +1,6 @@
-"""Test NLL curves of eager 2-D training with the solves started at b and one Newton step from b.
+"""Test NLL curves of eager 2-D training with the solves started at b and Newton steps from b.
 
-``SolverOptions(start="newton")`` (the toy models' default since issue #22) changes where each
+``SolverOptions(start="newton")`` (two Newton steps; the toy models' default since issue #22) changes where each
 fixed-point solve starts, not its stopping test, so training must follow the same curve within
 noise. For each data set, trains the paper's Monotone Flow (eager, learnable concatenation on,
 the paper's learning rate and batch) from the same seed twice, once with ``start="rhs"`` and once

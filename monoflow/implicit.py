@@ -77,17 +77,20 @@ def _direct_adjoint(g: nn.Module, z_star: Tensor, v: Tensor, sign: float,
     return u, info
 
 
-def _newton_start(g: nn.Module, b: Tensor, sign: float) -> Tensor:
-    r"""One Newton step for :math:`z + s\,g(z) = b` from :math:`z = b`:
-    :math:`b - (I + s J(b))^{-1} s\,g(b)` (``SolverOptions(start="newton")``)."""
+def _newton_start(g: nn.Module, b: Tensor, sign: float, steps: int) -> Tensor:
+    r"""``steps`` Newton steps for :math:`z + s\,g(z) = b` from :math:`z = b`,
+    :math:`z \leftarrow z - (I + s J(z))^{-1} (z + s\,g(z) - b)` (``SolverOptions(start="newton")``)."""
     if b.dim() != 2 or not hasattr(g, "jacobian"):
         raise ValueError(
             "solver start 'newton' needs flat inputs (batch, d) and a g with a jacobian(w) method; "
             f"got input shape {tuple(b.shape)} and {type(g).__name__}"
         )
-    value, jac = g.jacobian(b)
     eye = torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
-    return b - solve_small(eye + sign * jac, sign * value)
+    z = b
+    for _ in range(steps):
+        value, jac = g.jacobian(z)
+        z = z - solve_small(eye + sign * jac, z + sign * value - b)
+    return z
 
 
 def _needs_graph(b: Tensor, g: nn.Module) -> bool:
@@ -192,7 +195,7 @@ def solve_resolvent(
         sign: :math:`s`, +1 or -1.
         forward, adjoint: solver settings of the solve and of the gradient's adjoint solve.
         z0: starting point (default ``b``, the solution for g = 0, or with
-            ``forward.start == "newton"`` one Newton step from it); the ``"scalar"`` method
+            ``forward.start == "newton"`` ``forward.newton_steps`` Newton steps from it); the ``"scalar"`` method
             brackets the solution from a table instead and takes no starting point.
         record: called as ``record(name, info)`` after the solve and
             ``record("adjoint", info)`` after each adjoint solve.
@@ -220,8 +223,8 @@ def solve_resolvent(
         if forward.method == "scalar":
             z_star, info = scalar_resolvent_solve(g, b_const, sign, forward)
         elif z0 is None and forward.start == "newton":
-            z_star, info = fixed_point_solve(step, _newton_start(g, b_const, sign), forward)
-            info = replace(info, evaluations=info.evaluations + 1)  # the start's Jacobian pass
+            z_star, info = fixed_point_solve(step, _newton_start(g, b_const, sign, forward.newton_steps), forward)
+            info = replace(info, evaluations=info.evaluations + forward.newton_steps)  # the start's Jacobian passes
         else:
             z_star, info = fixed_point_solve(step, b_const if z0 is None else z0.detach(), forward)
     if record is not None:

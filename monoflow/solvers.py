@@ -82,10 +82,11 @@ class SolverOptions:
         on_failure: ``"warn"``, ``"raise"`` or ``"nan"`` for samples that do not converge.
         table_points: grid points of the ``"scalar"`` method's table.
         start: where a resolvent solve :math:`z + s\\,g(z) = b` starts: ``"rhs"`` (default),
-            :math:`z_0 = b`; or ``"newton"``, one Newton step from b,
-            :math:`z_0 = b - (I + s J(b))^{-1} s\\,g(b)`, for flat inputs whose g provides
-            ``jacobian(w)`` (the toy models): one Jacobian pass that saves several iterations.
-            The stopping test is the same, so the solution is too, within the tolerance.
+            :math:`z_0 = b`; or ``"newton"``, ``newton_steps`` Newton steps from b,
+            :math:`z \\leftarrow z - (I + s J(z))^{-1} (z + s\\,g(z) - b)`, for flat inputs whose
+            g provides ``jacobian(w)`` (the toy models): Jacobian passes that save several
+            iterations. The stopping test is the same, so the solution is too, within the tolerance.
+        newton_steps: Newton steps of the ``"newton"`` start (default 2).
         freeze_converged: stop evaluating samples once they converge (default). With ``False``
             f always sees the whole batch (for maps that need every row in its place, such as an
             ensemble of networks that sends each block of rows to its own member); a converged
@@ -103,6 +104,7 @@ class SolverOptions:
     freeze_converged: bool = True
     table_points: int = 512
     start: str = "rhs"
+    newton_steps: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -113,6 +115,8 @@ class SolverOptions:
             )
         if self.start not in STARTS:
             raise ValueError(f"unknown solver start {self.start!r}; expected one of {STARTS}")
+        if self.newton_steps < 1:
+            raise ValueError(f"newton_steps must be >= 1, got {self.newton_steps}")
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
         if self.table_points < 2:

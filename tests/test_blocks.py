@@ -268,9 +268,9 @@ def test_direct_adjoint_without_logdet_takes_one_jacobian_pass(kind):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_newton_start_reaches_the_same_solution_in_fewer_iterations(sign, float64):
-    """SolverOptions(start="newton") starts the resolvent solve one Newton step from b: the same
+    """SolverOptions(start="newton") starts the resolvent solve Newton steps from b: the same
     stopping test, so the same solution within tolerance and the same implicit gradients, with
-    fewer fixed-point evaluations on a strongly nonlinear g (the start's Jacobian pass counted)."""
+    fewer fixed-point evaluations on a strongly nonlinear g (the start's Jacobian passes counted)."""
     from monoflow.implicit import solve_resolvent
     from monoflow.solvers import SolverOptions
 
@@ -305,6 +305,8 @@ def test_newton_start_needs_a_jacobian_and_flat_inputs():
 
     with pytest.raises(ValueError, match="unknown solver start"):
         SolverOptions(start="zero")
+    with pytest.raises(ValueError, match="newton_steps must be >= 1"):
+        SolverOptions(start="newton", newton_steps=0)
     plain = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="start 'newton' needs flat inputs"):
         solve_resolvent(plain, torch.randn(4, 2), 1.0, SolverOptions(start="newton"))

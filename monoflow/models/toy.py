@@ -42,7 +42,7 @@ def lipswish_mlp(dim: int, hidden: Sequence[int], coeff: float = 0.9) -> Lipschi
 
 #: the forward solves of the 1-D flows: one number per sample (monoflow.scalar_resolvent)
 REGRESSION_SOLVER = SolverOptions(method="scalar")
-#: the solves of the 2-D flows: Anderson from one Newton step (g propagates its 2x2 Jacobian)
+#: the solves of the 2-D flows: Anderson from two Newton steps (g propagates its 2x2 Jacobian)
 TOY_SOLVER = SolverOptions(start="newton")
 
 
@@ -80,7 +80,7 @@ def toy_flow(
         logdet: log-det estimator of every block (the paper uses the exact one in 2-D).
         actnorm: add an ActNorm after every block (the paper's toy runs have none).
         solver, adjoint: fixed-point solver settings (default solver: :data:`TOY_SOLVER`,
-            Anderson started from one Newton step; default adjoint: ``"direct"``, a dense 2x2
+            Anderson started after two Newton steps; default adjoint: ``"direct"``, a dense 2x2
             solve per sample, for the DenseNet kinds).
 
     >>> sum(p.numel() for p in toy_flow("monotone").parameters())
