@@ -198,7 +198,7 @@ def main(argv: Any = None) -> int:
         steps = args.steps or (4 if case.startswith("regression") else 20)
         row = compare(case, baseline_root, args.rounds, steps, args.threads, args.cpus)
         row["measured"] = {"created": report["provenance"]["created"], "commit": report["provenance"]["git_commit"],
-                           "load_average_at_start": report["load_average_at_start"]}
+                           "load_average_at_start": report["load_average_at_start"], "pinned_cpus": args.cpus}
         report["runs"].append(row)
         print(f"{case:28s} baseline {1000 * row['baseline_s_per_step']:8.1f} ms  current "
               f"{1000 * row['current_s_per_step']:8.1f} ms  x{row['speedup']:.2f}  "
