@@ -310,3 +310,11 @@ def test_newton_start_needs_a_jacobian_and_flat_inputs():
     plain = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="start 'newton' needs flat inputs"):
         solve_resolvent(plain, torch.randn(4, 2), 1.0, SolverOptions(start="newton"))
+
+
+def test_toy_flows_start_their_solves_with_newton_steps_in_two_dimensions():
+    from monoflow.models import toy_flow
+
+    assert all(block.solver.start == "newton" for block in toy_flow("monotone", nblocks=2, depth=1, growth=4).blocks)
+    wide = toy_flow("monotone", dim=5, nblocks=1, depth=1, growth=4)
+    assert wide.blocks[0].solver is None or wide.blocks[0].solver.start == "rhs"

@@ -79,8 +79,8 @@ def toy_flow(
         dim, nblocks, depth, growth, coeff, lip_coeff: architecture (defaults: the paper's).
         logdet: log-det estimator of every block (the paper uses the exact one in 2-D).
         actnorm: add an ActNorm after every block (the paper's toy runs have none).
-        solver, adjoint: fixed-point solver settings (default solver: :data:`TOY_SOLVER`,
-            Anderson started after two Newton steps; default adjoint: ``"direct"``, a dense 2x2
+        solver, adjoint: fixed-point solver settings (default solver for ``dim <= 2``:
+            :data:`TOY_SOLVER`, Anderson started after two Newton steps; default adjoint: ``"direct"``, a dense 2x2
             solve per sample, for the DenseNet kinds).
 
     >>> sum(p.numel() for p in toy_flow("monotone").parameters())
@@ -88,7 +88,8 @@ def toy_flow(
     """
     _check_choice(kind, TOY_KINDS, "toy flow kind")
     adjoint = adjoint or _small_dim_adjoint(kind != "resflow")
-    solver = solver or TOY_SOLVER
+    # Newton steps propagate the d x d Jacobian: worth it in the paper's 2-D, not for wide inputs
+    solver = solver or (TOY_SOLVER if dim <= 2 else None)
     blocks: List[nn.Module] = []
     for _ in range(nblocks):
         if kind == "monotone":
