@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from monoflow.blocks import MonotoneBlock, ResidualBlock
-from monoflow.implicit import solve_small
+from monoflow.implicit import newton_start, solve_small
 from monoflow.lipschitz import DenseNet, LipschitzChain, LipschitzDenseLayer, update_lipschitz
 from monoflow.logdet import ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
@@ -122,14 +122,10 @@ def newton_resolvent(g: nn.Module, b: Tensor, steps: int) -> Tuple[Tensor, Tenso
     and the differentiable one (see the module's docstring): ``w`` has the implicit gradients,
     and ``g(w)``, ``dg/dw`` (one differentiable pass at ``w``) give the residual
     :math:`\|w + g(w) - b\|` and the log-det. ``g.jacobian(w)`` must return ``(g(w), dg/dw)``."""
-    eye = torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
-    target = b.detach()
     with torch.no_grad():
-        w = target
-        for _ in range(steps):
-            value, jac = g.jacobian(w)
-            w = w - solve_small(eye + jac, w + value - target)
+        w = newton_start(g, b.detach(), 1.0, steps)
     value, jac = g.jacobian(w)
+    eye = torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
     w = w - solve_small(eye + jac.detach(), w + value - b)
     return (w,) + g.jacobian(w)
 

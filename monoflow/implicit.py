@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from monoflow.scalar_resolvent import scalar_resolvent_solve
 from monoflow.solvers import SolverInfo, SolverOptions, fixed_point_solve
 
-__all__ = ["solve_resolvent", "solve_small", "DEFAULT_FORWARD", "DEFAULT_ADJOINT"]
+__all__ = ["solve_resolvent", "solve_small", "newton_start", "DEFAULT_FORWARD", "DEFAULT_ADJOINT"]
 
 #: forward solves: tolerances chosen by dtype (float32 reachable), generous cap
 DEFAULT_FORWARD = SolverOptions()
@@ -77,9 +77,10 @@ def _direct_adjoint(g: nn.Module, z_star: Tensor, v: Tensor, sign: float,
     return u, info
 
 
-def _newton_start(g: nn.Module, b: Tensor, sign: float, steps: int) -> Tensor:
+def newton_start(g: nn.Module, b: Tensor, sign: float, steps: int) -> Tensor:
     r"""``steps`` Newton steps for :math:`z + s\,g(z) = b` from :math:`z = b`,
-    :math:`z \leftarrow z - (I + s J(z))^{-1} (z + s\,g(z) - b)` (``SolverOptions(start="newton")``)."""
+    :math:`z \leftarrow z - (I + s J(z))^{-1} (z + s\,g(z) - b)` (``SolverOptions(start="newton")``; the
+    compiled loss starts its solves with it too)."""
     if b.dim() != 2 or not hasattr(g, "jacobian"):
         raise ValueError(
             "solver start 'newton' needs flat inputs (batch, d) and a g with a jacobian(w) method; "
@@ -223,7 +224,7 @@ def solve_resolvent(
         if forward.method == "scalar":
             z_star, info = scalar_resolvent_solve(g, b_const, sign, forward)
         elif z0 is None and forward.start == "newton":
-            z_star, info = fixed_point_solve(step, _newton_start(g, b_const, sign, forward.newton_steps), forward)
+            z_star, info = fixed_point_solve(step, newton_start(g, b_const, sign, forward.newton_steps), forward)
             info = replace(info, evaluations=info.evaluations + forward.newton_steps)  # the start's Jacobian passes
         else:
             z_star, info = fixed_point_solve(step, b_const if z0 is None else z0.detach(), forward)
