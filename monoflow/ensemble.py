@@ -37,9 +37,9 @@ from monoflow.lipschitz import (
     DenseNet,
     LipschitzDenseLayer,
     SpectralNormLinear,
-    _chain_bounds,
-    _reused,
+    chain_lipschitz_bounds,
     dense_layer_output,
+    reused_transform,
 )
 from monoflow.solvers import SolverOptions
 
@@ -93,7 +93,7 @@ class _StackedNetwork(nn.Module):
                 return weights, None
             return weights, torch.stack([layer.bias for layer in layers]).unsqueeze(1)
 
-        weights, bias = _reused(self, ("linear", position, torch.is_grad_enabled()), stack)
+        weights, bias = reused_transform(self, ("linear", position, torch.is_grad_enabled()), stack)
         grouped = t.reshape(self.size, -1, t.shape[-1])
         if bias is None or t.dim() > 2:  # Jacobians get no bias
             out = torch.bmm(grouped, weights)
@@ -106,7 +106,7 @@ class _StackedNetwork(nn.Module):
         def expand() -> Tensor:
             return torch.stack(list(values)).reshape(self.size, 1).expand(self.size, rows).reshape(-1, 1)
 
-        return _reused(self, (name, rows, torch.is_grad_enabled()), expand)
+        return reused_transform(self, (name, rows, torch.is_grad_enabled()), expand)
 
     def _beta(self, position: int, activations: Sequence[nn.Module], rows: int) -> Optional[Tensor]:
         """Per-row activation parameter (LipSwish's beta) or ``None`` for parameter-free ones."""
@@ -227,7 +227,7 @@ class EnsembleChain(_StackedNetwork):
 
     def lipschitz_bound(self) -> float:
         """The largest member bound (product of each chain's layer bounds)."""
-        return max(_chain_bounds(member)[0] for member in self.members)  # type: ignore[index]
+        return max(chain_lipschitz_bounds(member)[0] for member in self.members)  # type: ignore[index]
 
 
 def _stack_networks(networks: Sequence[nn.Module]) -> nn.Module:

@@ -54,6 +54,7 @@ def measure_training(preset: str, model: Optional[str], *, steps: int, batch_siz
     import torch
 
     from monoflow.data.images import BUNDLED_DATASETS, load_image_dataset
+    from monoflow.images.results import seconds_per_step
     from monoflow.images.training import train_image_flow
     from monoflow.models.image import get_image_preset
 
@@ -91,6 +92,7 @@ def measure_training(preset: str, model: Optional[str], *, steps: int, batch_siz
     ips = [e["images_per_s"] for e in timed]
     metrics = record.get("metrics", {})
     accumulation = record["training_config"]["accumulation_steps"]
+    step_seconds = seconds_per_step(record, warmup_entries=len(log) - len(timed))
     return {
         "preset": preset, "model": config.model_name, "data": data, "device": record["provenance"]["device"],
         "gpu": record["provenance"].get("gpu"), "params": record["params"], "batch_size": batch,
@@ -98,8 +100,8 @@ def measure_training(preset: str, model: Optional[str], *, steps: int, batch_siz
         "train_seconds": record["wall_time_s"],
         "images_per_s": statistics.median(ips) if ips else None,
         "accumulation_steps": accumulation,
-        "seconds_per_step": batch * accumulation / statistics.median(ips) if ips else None,
-        "seconds_per_micro_batch": batch / statistics.median(ips) if ips else None,
+        "seconds_per_step": step_seconds,
+        "seconds_per_micro_batch": step_seconds / accumulation if step_seconds else None,
         "peak_memory_mb": record["peak_memory_mb"],
         "process_memory_before_training_mb": base_rss,
         "forward_evaluations_per_block": _mean(timed, "solver_forward_evaluations"),

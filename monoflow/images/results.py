@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -17,7 +18,7 @@ from monoflow.checkpoint import atomic_write_text
 from monoflow.images.checkpoint import read_record
 from monoflow.provenance import provenance as base_provenance
 
-__all__ = ["provenance", "write_json", "read_runs", "image_table", "run_directory"]
+__all__ = ["provenance", "write_json", "read_runs", "image_table", "run_directory", "seconds_per_step"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -58,6 +59,17 @@ def read_runs(results_dir: PathLike) -> List[Dict[str, Any]]:
             data["_dir"] = str(path.parent)
             runs.append(data)
     return runs
+
+
+def seconds_per_step(run: dict, warmup_entries: int = 1) -> Optional[float]:
+    """Median seconds per optimiser step over the logged windows after the first ``warmup_entries``
+    (images per step = global batch x accumulation steps, so accumulation is counted)."""
+    training = run.get("training_config", {})
+    images_per_step = training.get("batch_size", 0) * training.get("accumulation_steps", 1)
+    rates = [e["images_per_s"] for e in run.get("train_log", [])[warmup_entries:] if e.get("images_per_s")]
+    if not rates or not images_per_step:
+        return None
+    return images_per_step / statistics.median(rates)
 
 
 def image_table(results_dir: PathLike = "results/images"):

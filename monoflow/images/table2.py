@@ -19,7 +19,6 @@ monotone) of the scale's ablation data set.
 from __future__ import annotations
 
 import os
-import statistics
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from monoflow.images.results import read_runs, run_directory
+from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
 __all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "table2",
            "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step", "learning_curves",
@@ -170,17 +169,6 @@ def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "re
             break
         outcome["trained"].append(label)
     return outcome
-
-
-def seconds_per_step(run: dict, warmup_entries: int = 1) -> Optional[float]:
-    """Median seconds per optimiser step over the logged windows after the first ``warmup_entries``
-    (images per step = global batch x accumulation steps, so accumulation is counted)."""
-    training = run.get("training_config", {})
-    images_per_step = training.get("batch_size", 0) * training.get("accumulation_steps", 1)
-    rates = [e["images_per_s"] for e in run.get("train_log", [])[warmup_entries:] if e.get("images_per_s")]
-    if not rates or not images_per_step:
-        return None
-    return images_per_step / statistics.median(rates)
 
 
 def _model_label(run: dict) -> str:

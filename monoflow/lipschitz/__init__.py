@@ -46,9 +46,9 @@ from __future__ import annotations
 
 from monoflow.lipschitz.certificate import (
     LipschitzCertificate,
-    _chain_bounds,
     certificates_record,
     certify_lipschitz,
+    chain_lipschitz_bounds,
     lipschitz_upper_bound,
 )
 from monoflow.lipschitz.chain import LipschitzChain
@@ -62,7 +62,7 @@ from monoflow.lipschitz.dense import (
     dense_mlp,
     set_learnable_concat,
 )
-from monoflow.lipschitz.parameter_reuse import _PASS, _reused, reuse_parameter_transforms
+from monoflow.lipschitz.parameter_reuse import _PASS, reuse_parameter_transforms, reused_transform
 from monoflow.lipschitz.power_iteration import update_lipschitz
 from monoflow.lipschitz.spectral_norm import SpectralNormConv2d, SpectralNormLayer, SpectralNormLinear
 
@@ -84,5 +84,7 @@ __all__ = [
     "lipschitz_upper_bound",
     "certificates_record",
     "reuse_parameter_transforms",
+    "reused_transform",
+    "chain_lipschitz_bounds",
     "dense_layer_output",
 ]

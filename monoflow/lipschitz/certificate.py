@@ -11,7 +11,7 @@ import torch.nn as nn
 from monoflow.lipschitz.dense import DenseNet
 from monoflow.lipschitz.spectral_norm import SpectralNormLayer
 
-__all__ = ["LipschitzCertificate", "certify_lipschitz", "lipschitz_upper_bound", "certificates_record"]
+__all__ = ["LipschitzCertificate", "chain_lipschitz_bounds", "certify_lipschitz", "lipschitz_upper_bound", "certificates_record"]
 
 
 
@@ -29,7 +29,7 @@ class LipschitzCertificate:
     holds: bool
 
 
-def _chain_bounds(chain: nn.Sequential) -> Optional[Tuple[float, float]]:
+def chain_lipschitz_bounds(chain: nn.Sequential) -> Optional[Tuple[float, float]]:
     """(rigorous, power-iteration) bounds of a Sequential of spectral-norm layers and activations
     with a known Lipschitz constant; ``None`` if some layer cannot be bounded."""
     bound, estimate = 1.0, 1.0
@@ -53,7 +53,7 @@ def certify_lipschitz(model: nn.Module) -> List[LipschitzCertificate]:
         if isinstance(module, DenseNet):
             bound, estimate = module.lipschitz_bound(), module.lipschitz_estimate()
         elif isinstance(module, nn.Sequential) and any(isinstance(m, SpectralNormLayer) for m in module):
-            bounds = _chain_bounds(module)
+            bounds = chain_lipschitz_bounds(module)
             if bounds is None:
                 continue
             bound, estimate = bounds

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from monoflow.activations import make_activation
 from monoflow.lipschitz.chain import _propagate_jacobian
-from monoflow.lipschitz.parameter_reuse import _reused, _version_key
+from monoflow.lipschitz.parameter_reuse import _version_key, reused_transform
 from monoflow.lipschitz.spectral_norm import SpectralNormConv2d, SpectralNormLinear
 from monoflow.lipschitz.validation import _check_coeff, _check_positive_int
 
@@ -114,7 +114,7 @@ class LipschitzDenseLayer(nn.Module):
                 cache = (key, self._learned_etas())
                 self.__dict__["_eta_cache"] = cache
             return cache[1]
-        return _reused(self, "etas", self._learned_etas)
+        return reused_transform(self, "etas", self._learned_etas)
 
     def _learned_etas(self) -> Tuple[torch.Tensor, torch.Tensor]:
         eta1 = F.softplus(self.K1) + 0.1
@@ -193,7 +193,7 @@ class DenseNet(nn.Module):
         """:meth:`_scaled_weights` with autograd, computed once per flow pass
         (:func:`~monoflow.lipschitz.reuse_parameter_transforms`): the graph evaluation at a solution
         and the log-det's Jacobian pass share them."""
-        return _reused(self, ("folded_weights", width, torch.is_grad_enabled()), lambda: self._scaled_weights(width))
+        return reused_transform(self, ("folded_weights", width, torch.is_grad_enabled()), lambda: self._scaled_weights(width))
 
     def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
         r"""The same map without autograd (fixed-point solves), without copying features: the
@@ -216,7 +216,7 @@ class DenseNet(nn.Module):
         r""":meth:`_scaled_weights` without autograd, cached until a parameter changes; within a flow
         pass (:func:`~monoflow.lipschitz.reuse_parameter_transforms`, where parameters cannot
         change) the cache's version check runs once, not at every evaluation of a solve."""
-        return _reused(self, ("column_scaled_weights", width), lambda: self._checked_column_scaled_weights(width))
+        return reused_transform(self, ("column_scaled_weights", width), lambda: self._checked_column_scaled_weights(width))
 
     def _checked_column_scaled_weights(self, width: int) -> List[torch.Tensor]:
         *dense, last = self.layers

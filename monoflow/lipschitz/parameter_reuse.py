@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Tuple
+from typing import Callable, Hashable, Tuple
 
 import torch
 
-__all__ = ["reuse_parameter_transforms"]
+__all__ = ["reuse_parameter_transforms", "reused_transform"]
 
 _PASS = threading.local()
 
@@ -33,7 +33,7 @@ def reuse_parameter_transforms():
             _PASS.cache = None
 
 
-def _reused(owner: object, name: str, compute: Callable[[], object]):
+def reused_transform(owner: object, name: Hashable, compute: Callable[[], object]):
     """``compute()``, or its value from earlier in the same :func:`reuse_parameter_transforms`."""
     if torch.compiler.is_compiling():
         # a compiled graph shares values itself; and reading _PASS here would make the graph

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monoflow.lipschitz.conv_norm import conv_operator_norm_bound, conv_operator_norm_exact
-from monoflow.lipschitz.parameter_reuse import _reused, _version_key
+from monoflow.lipschitz.parameter_reuse import _version_key, reused_transform
 from monoflow.lipschitz.validation import _check_coeff, _check_positive_int, _pair
 
 __all__ = ["SpectralNormLayer", "SpectralNormLinear", "SpectralNormConv2d"]
@@ -61,7 +61,7 @@ class SpectralNormLayer(nn.Module):
         ``u`` or ``v`` change (tracked by their version counters)."""
         self._require_state()
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return _reused(self, "normalized_weight", self._differentiable_normalized_weight)
+            return reused_transform(self, "normalized_weight", self._differentiable_normalized_weight)
         key = _version_key(self.weight, self.u, self.v)
         cache = self.__dict__.get("_normalized_cache")
         if cache is None or cache[0] != key:
