@@ -32,7 +32,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ import torch
 from monoflow.data.images import load_image_dataset
 from monoflow.images.benchmark import step_cost
 from monoflow.images.checkpoint import read_record
+from monoflow.images.gradient_noise import covariance_trace, image_batch, training_gradient
 from monoflow.images.training import load_ema_model
 from monoflow.logdet import RussianRouletteLogDet
 from monoflow.provenance import benchmark_report, run_benchmark
@@ -55,26 +56,6 @@ def set_exact_terms(model: torch.nn.Module, n_exact: int) -> int:
     for estimator in estimators.values():
         estimator.n_exact_terms = estimator.eval_n_exact_terms = n_exact
     return len(estimators)
-
-
-def gradient(model: torch.nn.Module, k: torch.Tensor, noise: torch.Tensor, seed: int) -> np.ndarray:
-    """The training loss's gradient (all parameters, flattened) with the estimator's draw ``seed``."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    model.bits_per_dim(k, noise=noise, generator=torch.Generator().manual_seed(seed)).mean().backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double().numpy()
-
-
-def covariance_trace(samples: List[np.ndarray]) -> float:
-    """Unbiased ``trace Cov`` of vectors (sum of the coordinates' sample variances)."""
-    stacked = np.stack(samples)
-    return float(stacked.var(axis=0, ddof=1).sum())
-
-
-def batch(data, indices: np.ndarray, seed: int):
-    k, _ = data.batch(indices)
-    return k, torch.rand(k.shape, generator=torch.Generator().manual_seed(seed))
 
 
 def main() -> int:
@@ -95,7 +76,7 @@ def main() -> int:
     train = load_image_dataset(record["dataset"], None, train=True)
     test = load_image_dataset(record["dataset"], None, train=False)
     rng = np.random.default_rng(0)
-    fixed_k, fixed_noise = batch(train, np.sort(rng.permutation(len(train))[:args.images]), 1)
+    fixed_k, fixed_noise = image_batch(train, np.sort(rng.permutation(len(train))[:args.images]), 1)
     report = benchmark_report("cpu", run=str(args.run), preset=record["preset"], model=record["model"],
                               run_iterations=record["iterations"], images=args.images, draws=args.draws,
                               roulette_lam=record["model_config"].get("roulette_lam"),
@@ -103,7 +84,8 @@ def main() -> int:
 
     # the noise SGD has anyway: minibatches of the training set, the paper's 10 exact terms, one draw each
     set_exact_terms(model, 10)
-    minibatch = [gradient(model, *batch(train, np.sort(rng.permutation(len(train))[:args.images]), 100 + b), 1000 + b)
+    minibatch = [training_gradient(model, *image_batch(train, np.sort(rng.permutation(len(train))[:args.images]),
+                                                       100 + b), 1000 + b)
                  for b in range(args.batches)]
     report["minibatch_gradient_variance"] = covariance_trace(minibatch)
     report["gradient_norm_squared"] = float(np.square(np.mean(minibatch, axis=0)).sum())
@@ -114,10 +96,10 @@ def main() -> int:
         grads, seconds = [], []
         for draw in range(args.draws):
             tick = time.perf_counter()
-            grads.append(gradient(model, fixed_k, fixed_noise, draw))
+            grads.append(training_gradient(model, fixed_k, fixed_noise, draw))
             seconds.append(time.perf_counter() - tick)
         model.eval()
-        eval_k, eval_noise = batch(test, np.arange(args.images), 2)
+        eval_k, eval_noise = image_batch(test, np.arange(args.images), 2)
         with torch.no_grad():
             bpd = [float(model.bits_per_dim(eval_k, noise=eval_noise,
                                             generator=torch.Generator().manual_seed(draw)).mean())

@@ -153,3 +153,31 @@ def test_variational_dequantization_in_model():
     assert conditioner[0].weight.grad is not None and conditioner[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="uniform"):
         model.bits_per_dim(k, noise=torch.rand(3, 1, 4, 4))
+
+
+def test_solver_rtols_reach_both_solves_and_trade_evaluations_for_residual():
+    """``solver_rtol`` and ``adjoint_rtol`` reach every monotone block's forward and adjoint solve:
+    a looser stop takes fewer evaluations of g, and each solution still meets its tolerance."""
+    from monoflow.blocks import MonotoneBlock, solver_stats
+
+    with pytest.raises(ValueError, match="solver_rtol"):
+        image_flow("digits", **TINY, solver_rtol=1.5)
+    with pytest.raises(ValueError, match="adjoint_rtol"):
+        image_flow("digits", **TINY, adjoint_rtol=-1e-3)
+    stats = {}
+    for rtol in (0.0, 1e-2):
+        torch.manual_seed(3)
+        model = image_flow("digits", **{**TINY, "solver_rtol": rtol, "adjoint_rtol": rtol})
+        blocks = [m for m in model.modules() if isinstance(m, MonotoneBlock)]
+        assert blocks and all((b.solver.rtol, b.adjoint.rtol if b.adjoint else None)
+                              == ((1e-2, 1e-2) if rtol else (None, None)) for b in blocks)
+        x = torch.rand(16, 1, 4, 4) * 0.9 + 0.05
+        with torch.no_grad():
+            model(x, with_logdet=False)
+        model.train()
+        model(x)[1].sum().backward()
+        stats[rtol] = solver_stats(model)
+        assert stats[rtol]["forward_converged_fraction"] == 1.0
+        assert stats[rtol]["adjoint_converged_fraction"] == 1.0
+    assert stats[1e-2]["forward_evaluations"] < stats[0.0]["forward_evaluations"]
+    assert stats[1e-2]["adjoint_evaluations"] < stats[0.0]["adjoint_evaluations"]

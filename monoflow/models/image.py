@@ -130,6 +130,10 @@ class ImageFlowConfig:
     neumann_gradient: bool = True
     memory_efficient: bool = True
     solver_max_iterations: int = 100
+    # stopping tolerances of the monotone blocks' solves, 0 for the dtype's default (1e-5 in float32):
+    # the forward solve's rtol (atol = rtol / 10) and the adjoint's; benchmarks/solver_tolerance.py
+    solver_rtol: float = 0.0
+    adjoint_rtol: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
@@ -146,6 +150,9 @@ class ImageFlowConfig:
             raise ValueError(f"task must be 'density' or 'classification', got {self.task!r}")
         if self.logdet not in ("russian_roulette", "exact", "power_series"):
             raise ValueError(f"logdet must be 'russian_roulette', 'exact' or 'power_series', got {self.logdet!r}")
+        for name in ("solver_rtol", "adjoint_rtol"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) (0: the dtype's default), got {getattr(self, name)}")
         make_activation(self.activation)  # validates the name
 
     @property
@@ -394,11 +401,14 @@ class ImageFlow(nn.Module):
 
     def _block(self, g: nn.Module) -> nn.Module:
         cls = MonotoneBlock if self.config.block == "monotone" else ResidualBlock
-        solver = SolverOptions(max_iterations=self.config.solver_max_iterations)
+        rtol, adjoint_rtol = self.config.solver_rtol, self.config.adjoint_rtol
+        tolerance = dict(atol=rtol / 10, rtol=rtol) if rtol > 0 else {}
+        solver = SolverOptions(max_iterations=self.config.solver_max_iterations, **tolerance)
+        adjoint = SolverOptions(atol=0.0, rtol=adjoint_rtol) if adjoint_rtol > 0 else None  # None: DEFAULT_ADJOINT
         # g is built from spectral-normalised layers only; the block's construction-time check
         # would need the convolutions' power-iteration state, which is created at the first
         # forward (use monoflow.lipschitz.certify_lipschitz after one)
-        return cls(g, logdet=_estimator(self.config), solver=solver, check_lipschitz=False)
+        return cls(g, logdet=_estimator(self.config), solver=solver, adjoint=adjoint, check_lipschitz=False)
 
     @property
     def dim(self) -> int:
