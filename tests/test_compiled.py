@@ -1,4 +1,4 @@
-"""CompiledFlowLoss: the eager flow's loss and gradients, from one compiled graph.
+"""CompiledFlowLoss: the eager flow's loss and gradients, from compiled graphs of groups of blocks.
 
 Each compile takes tens of seconds on two cores, so the compiled losses are module fixtures and
 the training test uses the same architecture (the inductor cache then shortens its compile).
@@ -18,7 +18,7 @@ from monoflow.blocks import ResidualBlock
 from monoflow.flows import Flow
 from monoflow.models import toy_flow
 
-ARCHITECTURE = dict(nblocks=2, depth=1, growth=8)
+ARCHITECTURE = dict(nblocks=4, depth=1, growth=8)  # two groups of DEFAULT_BLOCKS_PER_GRAPH blocks
 SQRT2 = math.sqrt(2.0)
 
 
@@ -86,6 +86,33 @@ def test_resflow_loss_and_every_gradient_equal_the_eager_flow(resflow):
     _check_against_eager(flow, loss_fn, 2 * torch.randn(256, 2))
 
 
+def test_groups_of_blocks_reuse_one_compiled_graph_and_match_the_whole_flow_graph():
+    """Every group of blocks runs the same compiled graph (the modules are traced by structure, their
+    parameters are inputs): a new flow of a compiled architecture compiles no new graph, and its loss
+    and gradients equal those of one graph for the whole flow."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(6)
+    flow = _spread_weights(toy_flow("monotone", **ARCHITECTURE))
+    set_learnable_concat(flow, True)
+    grouped, whole = CompiledFlowLoss(flow), CompiledFlowLoss(flow, blocks_per_graph=None)
+    assert [len(chunk) for chunk in grouped._chunks] == [2, 2] and len(whole._chunks) == 1
+    x = 2 * torch.randn(256, 2)
+    parameters = list(flow.parameters())
+    graphs = counters["stats"]["unique_graphs"]
+    grouped_loss = grouped(x)
+    assert counters["stats"]["unique_graphs"] - graphs <= 1  # the two groups share one graph
+    grouped_grads = torch.autograd.grad(grouped_loss, parameters)
+    whole_loss = whole(x)
+    whole_grads = torch.autograd.grad(whole_loss, parameters)
+    assert grouped.fallbacks == whole.fallbacks == 0
+    torch.testing.assert_close(grouped_loss, whole_loss, rtol=1e-6, atol=1e-6)
+    for mine, theirs in zip(grouped_grads, whole_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+    with pytest.raises(ValueError, match="blocks_per_graph"):
+        CompiledFlowLoss(flow, blocks_per_graph=0)
+
+
 def test_newton_solves_are_recorded_and_converged(monotone):
     flow, loss_fn = monotone
     loss_fn(2 * torch.randn(128, 2))
@@ -102,7 +129,8 @@ def test_the_recorded_residual_is_that_of_the_solution_the_loss_uses():
     the log-det), not at the point before the differentiable step. With one Newton step before it,
     the two differ by orders of magnitude."""
     torch.manual_seed(5)
-    flow = _spread_weights(toy_flow("monotone", **ARCHITECTURE))
+    # two blocks: deeper, the eager recomputation's rounding (about 1e-6) reaches these residuals
+    flow = _spread_weights(toy_flow("monotone", **{**ARCHITECTURE, "nblocks": 2}))
     loss_fn = CompiledFlowLoss(flow, newton_steps=1)
     loss_fn.atol, loss_fn.rtol = 1.0, 0.0  # record without falling back to the eager loss
     x = 2 * torch.randn(128, 2)
