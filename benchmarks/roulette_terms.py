@@ -39,9 +39,8 @@ import torch
 
 from monoflow.data.images import load_image_dataset
 from monoflow.images.benchmark import step_cost
-from monoflow.images.checkpoint import read_record
-from monoflow.images.gradient_noise import covariance_trace, image_batch, training_gradient
-from monoflow.images.training import load_ema_model
+from monoflow.images.gradient_noise import (covariance_trace, image_batch, load_trained_run, random_image_batch,
+                                            training_gradient)
 from monoflow.logdet import RussianRouletteLogDet
 from monoflow.provenance import benchmark_report, run_benchmark
 
@@ -71,12 +70,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    record = read_record(args.run / "run.json")
-    model = load_ema_model(args.run, torch.device("cpu"))
-    train = load_image_dataset(record["dataset"], None, train=True)
+    record, model, train = load_trained_run(args.run)
     test = load_image_dataset(record["dataset"], None, train=False)
     rng = np.random.default_rng(0)
-    fixed_k, fixed_noise = image_batch(train, np.sort(rng.permutation(len(train))[:args.images]), 1)
+    fixed_k, fixed_noise = random_image_batch(train, rng, args.images, 1)
     report = benchmark_report("cpu", run=str(args.run), preset=record["preset"], model=record["model"],
                               run_iterations=record["iterations"], images=args.images, draws=args.draws,
                               roulette_lam=record["model_config"].get("roulette_lam"),
@@ -84,8 +81,7 @@ def main() -> int:
 
     # the noise SGD has anyway: minibatches of the training set, the paper's 10 exact terms, one draw each
     set_exact_terms(model, 10)
-    minibatch = [training_gradient(model, *image_batch(train, np.sort(rng.permutation(len(train))[:args.images]),
-                                                       100 + b), 1000 + b)
+    minibatch = [training_gradient(model, *random_image_batch(train, rng, args.images, 100 + b), 1000 + b)
                  for b in range(args.batches)]
     report["minibatch_gradient_variance"] = covariance_trace(minibatch)
     report["gradient_norm_squared"] = float(np.square(np.mean(minibatch, axis=0)).sum())

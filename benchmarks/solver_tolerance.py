@@ -43,10 +43,8 @@ import numpy as np
 import torch
 
 from monoflow.blocks import MonotoneBlock, solver_stats
-from monoflow.data.images import load_image_dataset
-from monoflow.images.checkpoint import read_record
-from monoflow.images.gradient_noise import covariance_trace, image_batch, loss_and_gradient, training_gradient
-from monoflow.images.training import load_ema_model
+from monoflow.images.gradient_noise import (covariance_trace, load_trained_run, loss_and_gradient,
+                                            random_image_batch, training_gradient)
 from monoflow.implicit import DEFAULT_ADJOINT, DEFAULT_FORWARD
 from monoflow.provenance import benchmark_report, run_benchmark
 from monoflow.solvers import default_tolerances
@@ -87,12 +85,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    record = read_record(args.run / "run.json")
-    model = load_ema_model(args.run, torch.device("cpu"))
-    train = load_image_dataset(record["dataset"], None, train=True)
+    record, model, train = load_trained_run(args.run)
     rng = np.random.default_rng(0)
-    batches = [image_batch(train, np.sort(rng.permutation(len(train))[:args.images]), 100 + b)
-               for b in range(args.batches)]
+    batches = [random_image_batch(train, rng, args.images, 100 + b) for b in range(args.batches)]
     rtols = sorted(args.rtols)
     report = benchmark_report("cpu", run=str(args.run), preset=record["preset"], model=record["model"],
                               run_iterations=record["iterations"], images=args.images, batches=args.batches,

@@ -7,13 +7,15 @@ SGD has anyway: the spread of the gradient between minibatches, :math:`\operator
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["loss_and_gradient", "training_gradient", "covariance_trace", "image_batch"]
+__all__ = ["load_trained_run", "loss_and_gradient", "training_gradient", "covariance_trace", "image_batch",
+           "random_image_batch"]
 
 
 def loss_and_gradient(model: nn.Module, k: Tensor, noise: Tensor, seed: int) -> Tuple[float, np.ndarray]:
@@ -43,3 +45,20 @@ def image_batch(data, indices: np.ndarray, seed: int) -> Tuple[Tensor, Tensor]:
     noise drawn from ``seed``."""
     k, _ = data.batch(indices)
     return k, torch.rand(k.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def random_image_batch(data, rng: np.random.Generator, size: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """``size`` images drawn by ``rng`` without replacement, with dequantisation noise from ``seed``."""
+    return image_batch(data, np.sort(rng.permutation(len(data))[:size]), seed)
+
+
+def load_trained_run(run_dir: Path) -> Tuple[Dict[str, Any], nn.Module, Any]:
+    """A finished image run's record (``run.json``), its EMA model on the CPU (from the checkpoint)
+    and its training images."""
+    from monoflow.data.images import load_image_dataset
+    from monoflow.images.checkpoint import read_record
+    from monoflow.images.training import load_ema_model
+
+    record = read_record(Path(run_dir) / "run.json")
+    model = load_ema_model(Path(run_dir), torch.device("cpu"))
+    return record, model, load_image_dataset(record["dataset"], None, train=True)
