@@ -55,15 +55,17 @@ from monoflow.lipschitz import DenseNet, LipschitzChain, LipschitzDenseLayer, up
 from monoflow.logdet import ExactLogDet
 from monoflow.solvers import SolverInfo, default_tolerances
 
-__all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "DEFAULT_BLOCKS_PER_GRAPH", "compile_cache_dir", "newton_resolvent"]
+__all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "DEFAULT_BLOCKS_PER_GRAPH", "compile_cache_dir",
+           "newton_resolvent"]
 
 
 #: Newton converges quadratically: from w = b, 3 steps and the differentiable one reach float32
 #: precision on the trained toy models (the residual at the solution is checked on every batch).
 DEFAULT_NEWTON_STEPS = 3
 
-#: blocks per compiled graph: on the 10-block toy Monotone Flow, groups of 2 compiled in 127 s against
-#: 454 s for the whole flow (a first process, cold caches, 2 busy cores) and ran a step within 4% of it
+#: blocks per compiled graph: for the 10-block toy Monotone Flow, a first process compiled groups of 2
+#: in 230 s against 477 s for one graph of the whole flow, a second (warm cache) in 47 s against 117 s
+#: (benchmarks/results/compile_cache*.json); its step read 4-10% slower on a busy 2-core machine
 DEFAULT_BLOCKS_PER_GRAPH = 2
 
 
@@ -141,7 +143,8 @@ def newton_resolvent(g: nn.Module, b: Tensor, steps: int) -> Tuple[Tensor, Tenso
     return (w,) + g.jacobian(w)
 
 
-def _blocks_pass(blocks: Sequence[nn.Module], x: Tensor, steps: int) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
+def _blocks_pass(blocks: Sequence[nn.Module], x: Tensor,
+                 steps: int) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
     """``blocks`` applied in turn to ``x``: (output, summed log-det, residual per monotone block and
     sample at its solution, norm of the solution)."""
     logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -217,9 +220,9 @@ class CompiledFlowLoss:
         atol, rtol: the convergence test's tolerances (default: the solver's for the dtype).
         blocks_per_graph: how many consecutive blocks one compiled graph holds (default
             :data:`DEFAULT_BLOCKS_PER_GRAPH`, 2; ``None``: the whole flow). The graph is compiled
-            once and reused for every such group of blocks of the same kinds, so compiling takes
-            about ``blocks_per_graph / nblocks`` of the whole flow's time; fewer, larger graphs
-            save a little dispatch per step (``benchmarks/compiled_loss_speed.py --blocks-per-graph``).
+            once and reused for every such group of blocks of the same kinds, so Dynamo traces
+            ``blocks_per_graph`` blocks instead of all of them; one graph for the whole flow
+            compiles longer and saves a few graph calls per step (the speed chapter compares them).
     """
 
     def __init__(self, flow: nn.Module, newton_steps: int = DEFAULT_NEWTON_STEPS, atol: Optional[float] = None,
