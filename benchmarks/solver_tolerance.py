@@ -45,7 +45,7 @@ import torch
 from monoflow.blocks import MonotoneBlock, solver_stats
 from monoflow.images.gradient_noise import (covariance_trace, load_trained_run, loss_and_gradient,
                                             random_image_batch, training_gradient)
-from monoflow.implicit import DEFAULT_ADJOINT, DEFAULT_FORWARD
+from monoflow.implicit import DEFAULT_ADJOINT
 from monoflow.provenance import benchmark_report, run_benchmark
 from monoflow.solvers import default_tolerances
 
@@ -54,13 +54,14 @@ DEFAULT_RTOL = default_tolerances(torch.float32)[1]  # both solves' float32 defa
 
 
 def set_tolerances(model: torch.nn.Module, forward_rtol: float, adjoint_rtol: float) -> int:
-    """Forward ``(atol, rtol) = (forward_rtol / 10, forward_rtol)`` and adjoint ``rtol`` in every
-    monotone block (other settings kept); returns the number of blocks."""
+    """Every monotone block's solves as ``--set solver_rtol=forward_rtol --set adjoint_rtol=adjoint_rtol``
+    builds them (:meth:`~monoflow.models.image.ImageFlowConfig.solver_options`), with unconverged
+    samples set to NaN; returns the number of blocks."""
+    forward, adjoint = replace(model.config, solver_rtol=forward_rtol, adjoint_rtol=adjoint_rtol).solver_options()
     blocks = [m for m in model.modules() if isinstance(m, MonotoneBlock)]
     for block in blocks:
-        block.solver = replace(block.solver or DEFAULT_FORWARD, atol=forward_rtol / 10, rtol=forward_rtol,
-                               on_failure="nan")
-        block.adjoint = replace(block.adjoint or DEFAULT_ADJOINT, rtol=adjoint_rtol, on_failure="nan")
+        block.solver = replace(forward, on_failure="nan")
+        block.adjoint = replace(adjoint or DEFAULT_ADJOINT, on_failure="nan")
     return len(blocks)
 
 

@@ -250,15 +250,13 @@ class CompiledFlowLoss:
         compile_cache_dir()
         # one graph per group of blocks, reused by every group with the same kinds of blocks: torch
         # traces modules passed as arguments by structure, their parameters are the graph's inputs
-        compiled_pass = torch.compile(_blocks_pass, fullgraph=True, dynamic=False)
+        self._compiled_pass = torch.compile(_blocks_pass, fullgraph=True, dynamic=False)
 
-        def loss(x: Tensor):
-            if torch.is_grad_enabled() and not x.requires_grad and len(self._chunks) > 1:
-                # the later groups' inputs require grad; so does the first's: one graph for all
-                x = x.detach().requires_grad_()
-            return _flow_loss(flow, x, newton_steps, self._chunks, compiled_pass)
-
-        self._loss = loss
+    def _loss(self, x: Tensor) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+        if torch.is_grad_enabled() and not x.requires_grad and len(self._chunks) > 1:
+            # the later groups' inputs require grad; so does the first's: one graph for all
+            x = x.detach().requires_grad_()
+        return _flow_loss(self.flow, x, self.newton_steps, self._chunks, self._compiled_pass)
 
     def __call__(self, x: Tensor) -> Tensor:
         dim = self.flow.event_shape[0] if getattr(self.flow, "event_shape", None) else None

@@ -2,7 +2,8 @@ r"""The gradient noise of a trained image flow: what a cheaper training step may
 
 A cheaper step (fewer exact log-det terms, looser solver tolerances) changes the gradient
 :math:`\nabla_\theta L` that Adam sees. Whether the change matters is a comparison with the noise
-SGD has anyway: the spread of the gradient between minibatches, :math:`\operatorname{tr}\operatorname{Cov}_B(\nabla_\theta L_B)`.
+SGD has anyway: the spread of the gradient between minibatches,
+:math:`\operatorname{tr}\operatorname{Cov}_B(\nabla_\theta L_B)`.
 ``benchmarks/roulette_terms.py`` and ``benchmarks/solver_tolerance.py`` measure against it.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ def loss_and_gradient(model: nn.Module, k: Tensor, noise: Tensor, seed: int) -> 
     torch.manual_seed(seed)
     loss = model.bits_per_dim(k, noise=noise, generator=torch.Generator().manual_seed(seed)).mean()
     loss.backward()
-    return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double().numpy()
+    gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return float(loss.detach()), gradient.double().numpy()
 
 
 def training_gradient(model: nn.Module, k: Tensor, noise: Tensor, seed: int) -> np.ndarray:
@@ -35,7 +37,8 @@ def training_gradient(model: nn.Module, k: Tensor, noise: Tensor, seed: int) -> 
 
 
 def covariance_trace(samples: List[np.ndarray]) -> float:
-    """Unbiased :math:`\\operatorname{tr}\\operatorname{Cov}` of vectors (the sum of the coordinates' sample variances)."""
+    """Unbiased :math:`\\operatorname{tr}\\operatorname{Cov}` of vectors (the sum of the coordinates'
+    sample variances)."""
     stacked = np.stack(samples)
     return float(stacked.var(axis=0, ddof=1).sum())
 

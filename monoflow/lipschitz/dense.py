@@ -193,7 +193,8 @@ class DenseNet(nn.Module):
         """:meth:`_scaled_weights` with autograd, computed once per flow pass
         (:func:`~monoflow.lipschitz.reuse_parameter_transforms`): the graph evaluation at a solution
         and the log-det's Jacobian pass share them."""
-        return reused_transform(self, ("folded_weights", width, torch.is_grad_enabled()), lambda: self._scaled_weights(width))
+        return reused_transform(self, ("folded_weights", width, torch.is_grad_enabled()),
+                                lambda: self._scaled_weights(width))
 
     def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
         r"""The same map without autograd (fixed-point solves), without copying features: the
@@ -216,7 +217,8 @@ class DenseNet(nn.Module):
         r""":meth:`_scaled_weights` without autograd, cached until a parameter changes; within a flow
         pass (:func:`~monoflow.lipschitz.reuse_parameter_transforms`, where parameters cannot
         change) the cache's version check runs once, not at every evaluation of a solve."""
-        return reused_transform(self, ("column_scaled_weights", width), lambda: self._checked_column_scaled_weights(width))
+        return reused_transform(self, ("column_scaled_weights", width),
+                                lambda: self._checked_column_scaled_weights(width))
 
     def _checked_column_scaled_weights(self, width: int) -> List[torch.Tensor]:
         *dense, last = self.layers

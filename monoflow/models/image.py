@@ -160,6 +160,15 @@ class ImageFlowConfig:
         c, h, w = self.image_shape
         return c * h * w
 
+    def solver_options(self) -> Tuple[SolverOptions, Optional[SolverOptions]]:
+        """(forward, adjoint) settings of every block's solves: ``solver_rtol`` with ``atol = rtol / 10``
+        and ``adjoint_rtol`` with ``atol = 0``, each 0 for the dtype's default (adjoint ``None``:
+        :data:`~monoflow.implicit.DEFAULT_ADJOINT`)."""
+        rtol, adjoint_rtol = self.solver_rtol, self.adjoint_rtol
+        tolerance = dict(atol=rtol / 10, rtol=rtol) if rtol > 0 else {}
+        forward = SolverOptions(max_iterations=self.solver_max_iterations, **tolerance)
+        return forward, SolverOptions(atol=0.0, rtol=adjoint_rtol) if adjoint_rtol > 0 else None
+
     def with_model(self, model: str) -> "ImageFlowConfig":
         """The same architecture with the block/activation of ``model`` (see :data:`MODEL_VARIANTS`)."""
         if model not in MODEL_VARIANTS:
@@ -401,10 +410,7 @@ class ImageFlow(nn.Module):
 
     def _block(self, g: nn.Module) -> nn.Module:
         cls = MonotoneBlock if self.config.block == "monotone" else ResidualBlock
-        rtol, adjoint_rtol = self.config.solver_rtol, self.config.adjoint_rtol
-        tolerance = dict(atol=rtol / 10, rtol=rtol) if rtol > 0 else {}
-        solver = SolverOptions(max_iterations=self.config.solver_max_iterations, **tolerance)
-        adjoint = SolverOptions(atol=0.0, rtol=adjoint_rtol) if adjoint_rtol > 0 else None  # None: DEFAULT_ADJOINT
+        solver, adjoint = self.config.solver_options()
         # g is built from spectral-normalised layers only; the block's construction-time check
         # would need the convolutions' power-iteration state, which is created at the first
         # forward (use monoflow.lipschitz.certify_lipschitz after one)
