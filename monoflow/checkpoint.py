@@ -23,7 +23,7 @@ import socket
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "StopRequest",
     "stop_on_signals",
     "FolderLock",
+    "folder_holder",
     "LOCK_NAME",
 ]
 
@@ -229,6 +230,32 @@ def stop_on_signals() -> Iterator[StopRequest]:
 LOCK_NAME = ".training.lock"
 
 
+def _holder(handle: Any) -> str:
+    """Who holds a lock file, as its holder wrote it (``process <pid> on <host>``)."""
+    handle.seek(0)
+    return handle.read().strip() or "another process"
+
+
+def folder_holder(folder: PathLike) -> Optional[str]:
+    """Who is training in ``folder`` (``process <pid> on <host>``), or ``None`` when no process
+    holds its :class:`FolderLock`. It asks with a shared lock, held for a moment and released; a
+    worker that tries to take the folder in that moment skips it as busy."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locks are taken
+        return None
+    if not path.is_file():
+        return None
+    with open(path, "r") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _holder(handle)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 class FolderBusyError(RuntimeError):
     """Another process is training in a run folder (raised by :class:`FolderLock`)."""
 
@@ -260,8 +287,7 @@ class FolderLock:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
+                    holder = _holder(handle)
                     handle.close()
                     raise FolderBusyError(
                         f"{folder} is in use: {holder} is training this run. Wait for it to finish, or stop it "

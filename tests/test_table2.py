@@ -9,9 +9,8 @@ import torch
 
 from monoflow.cli import main as cli_main
 from monoflow.data.images import ImageArray, load_image_dataset, load_mnist5k, read_mnist5k_csv
-from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, late_improvement, planned_runs,
-                                    seconds_per_step,
-                                    table2, train_scale, write_table2)
+from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, hours_spent, late_improvement,
+                                    planned_runs, seconds_per_step, table2, train_scale, training_plan, write_table2)
 from monoflow.lipschitz import certify_lipschitz, update_lipschitz
 from monoflow.models.image import count_parameters, get_image_preset, image_flow
 
@@ -229,3 +228,46 @@ def test_recertify_writes_the_certificate_of_the_recorded_model_only(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="records 5 steps but there is a checkpoint at step 2"):
         recertify_run(tmp_path)
+
+
+def test_training_plan_reads_each_runs_state_and_times_what_is_left(tmp_path, capsys):
+    """Finished, partial (its checkpoint's step), in use (another holder's lock), damaged and not
+    started runs; hours left at the finished runs' pace (2 s per step here, 60 s final evaluation)."""
+    from monoflow.checkpoint import FolderLock, save_checkpoint
+    from monoflow.images.checkpoint import REQUIRED_KEYS
+    from monoflow.images.results import run_directory
+
+    steps = get_image_preset("digits-cpu").training.iterations
+
+    def folder(model, seed, preset="digits-cpu"):
+        path = run_directory(tmp_path, preset, model, seed)
+        path.mkdir(parents=True)
+        return path
+
+    (folder("monotone", 0) / "run.json").write_text(json.dumps(
+        {"kind": "images", "preset": "digits-cpu", "model": "monotone", "seed": 0, "iterations": steps,
+         "wall_time_s": 2.0 * steps, "evaluation_seconds": 60.0, "metrics": {"bpd_test": 2.0}}))
+    save_checkpoint(folder("monotone", 1) / "checkpoint.pt", {**{key: {} for key in REQUIRED_KEYS}, "step": 500})
+    (folder("monotone", 0, "mnist5k-cpu") / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with FolderLock(folder("idensenet", 0)):
+        plan = training_plan("cpu", [0, 1, 2], tmp_path, models=["monotone", "idensenet"])
+        assert cli_main(["table2", "--plan", "--models", "monotone", "idensenet", "-o", str(tmp_path / "none"),
+                         "--seeds", "0"]) == 0  # a folder without runs: every run not started
+    rows = {(r.preset, r.model, r.seed): r for r in plan.itertuples()}
+    assert len(plan) == 12
+    finished = rows["digits-cpu", "monotone", 0]
+    assert finished.state == "finished" and finished.steps_done == steps and finished.hours_left != finished.hours_left
+    partial = rows["digits-cpu", "monotone", 1]
+    assert partial.state == "partial" and partial.steps_done == 500
+    assert partial.hours_left == pytest.approx((2.0 * (steps - 500) + 60.0) / 3600)
+    assert rows["digits-cpu", "monotone", 2].state == "not started"
+    assert rows["digits-cpu", "monotone", 2].hours_left == pytest.approx((2.0 * steps + 60.0) / 3600)
+    busy = rows["digits-cpu", "idensenet", 0]
+    assert busy.state == "in use" and busy.in_use_by.startswith("process ")
+    assert busy.hours_left != busy.hours_left  # no finished i-DenseNet run to time it by
+    damaged = rows["mnist5k-cpu", "monotone", 0]
+    assert damaged.state == "damaged checkpoint" and "delete" in damaged.problem
+    assert hours_spent(tmp_path, "cpu") == pytest.approx((2.0 * steps + 60.0) / 3600)
+    assert "0 of 4 runs finished; 4 left" in capsys.readouterr().out
+    assert cli_main(["table2", "--plan", "--train", "-o", str(tmp_path)]) == 1
+    assert "--plan only reports" in capsys.readouterr().err

@@ -5,6 +5,7 @@ Examples::
     monoflow table2 --scale cpu                                  # collect: results/tables/table2_*_cpu.csv
     monoflow table2 --scale cpu --train --seeds 0 1 2 --threads 1  # train what is missing, then collect
     monoflow table2 --scale paper --data-root ~/data --train       # the paper's presets on a GPU
+    monoflow table2 --scale cpu --plan                           # what is left to train, and how long
 
 Rerunning a ``--train`` command resumes unfinished runs and skips finished ones; two such commands
 started side by side share the list (a run that one trains, the other skips).
@@ -17,6 +18,28 @@ from pathlib import Path
 __all__ = ["register"]
 
 
+def _print_plan(args: argparse.Namespace, images_dir: Path) -> int:
+    from monoflow.images.table2 import training_plan
+
+    plan = training_plan(args.scale, args.seeds, images_dir, args.presets, args.models)
+    shown = plan.assign(
+        steps=[f"{done}/{steps if steps is not None else '?'}" for done, steps in zip(plan["steps_done"], plan["steps"])],
+        hours_left=["" if state == "finished" else ("?" if hours != hours or hours is None else f"{hours:.2f}")
+                    for state, hours in zip(plan["state"], plan["hours_left"])],
+        state=[f"{state} ({holder})" if isinstance(holder, str) else state for state, holder in zip(plan["state"], plan["in_use_by"])],
+    )[["preset", "model", "seed", "state", "steps", "hours_left"]]
+    print(shown.to_string(index=False))
+    for problem in plan["problem"].dropna():
+        print(problem)
+    left = plan[plan["state"] != "finished"]
+    unknown = int(left["hours_left"].isna().sum())
+    timed = f"{left['hours_left'].sum():.1f} hours of one process at the finished runs' pace"
+    untimed = f"{unknown} with no finished run of their preset and model to time them by"
+    print(f"{len(plan) - len(left)} of {len(plan)} runs finished; {len(left)} left"
+          + (": " + "; ".join(([timed] if len(left) > unknown else []) + ([untimed] if unknown else [])) if len(left) else ""))
+    return 0
+
+
 def _table2(args: argparse.Namespace) -> int:
     from monoflow.cli.images import parse_image_overrides
     from monoflow.images.table2 import TABLE2_SCALES, planned_runs, train_scale, write_table2
@@ -26,6 +49,10 @@ def _table2(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     images_dir = Path(args.output) / "images"
+    if args.plan:
+        if args.train or args.overrides:
+            raise ValueError("--plan only reports what is left; run it without --train and --set")
+        return _print_plan(args, images_dir)
     model_overrides, training_overrides = parse_image_overrides(args.overrides)
     if (model_overrides or training_overrides) and not args.train:
         raise ValueError("--set changes the runs that --train makes; without --train there is nothing to change")
@@ -53,6 +80,9 @@ def register(subparsers) -> None:
     parser.add_argument("--scale", choices=sorted(TABLE2_SCALES), default="cpu",
                         help="which runs: cpu (real offline data, 2 CPU cores), paper (GPUs), quick (default: cpu)")
     parser.add_argument("--train", action="store_true", help="train the scale's unfinished runs first")
+    parser.add_argument("--plan", action="store_true",
+                        help="list the scale's runs (finished, in use, partial, not started) and the hours left; "
+                        "trains and writes nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                         help="seeds to train (default: 0 1 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

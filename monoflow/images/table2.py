@@ -28,7 +28,7 @@ import numpy as np
 
 from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
-__all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "table2",
+__all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan", "hours_spent", "table2",
            "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step", "learning_curves",
            "late_improvement", "compare_models", "scale_of_preset"]
 
@@ -169,6 +169,58 @@ def train_scale(scale: str, seeds: Sequence[int], *, results_dir: PathLike = "re
             break
         outcome["trained"].append(label)
     return outcome
+
+
+def training_plan(scale: str, seeds: Sequence[int], results_dir: PathLike = "results/images",
+                  presets: Optional[Sequence[str]] = None, models: Optional[Sequence[str]] = None):
+    """What ``train_scale`` has left: one row per planned run (a pandas DataFrame) with its state
+    (``finished``, ``in use`` by another process, ``partial``: a checkpoint to resume, ``damaged
+    checkpoint``, with the reason under ``problem``, or ``not started``), the steps done and planned, and the hours left at the pace of the finished runs of
+    the same preset and model (their median training seconds per step, which include the curve's
+    evaluations, times the steps left, plus their median final evaluation; empty where no run of
+    that pair has finished). Hours are those of one process at the finished runs' thread count and
+    device, the ones their ``device`` column names."""
+    import pandas as pd
+
+    from monoflow.checkpoint import CheckpointError, folder_holder
+    from monoflow.images.checkpoint import load_checkpoint
+    from monoflow.models.image import get_image_preset
+
+    finished: Dict[Tuple[str, str], List[dict]] = {}
+    for run in read_runs(results_dir):
+        if _finished(Path(run["_dir"]), run.get("preset", "")) and run.get("iterations") and run.get("wall_time_s"):
+            finished.setdefault((run["preset"], run["model"]), []).append(run)
+    rows = []
+    for preset, model, seed in planned_runs(scale, seeds, presets, models):
+        run_dir = run_directory(results_dir, preset, model, seed)
+        done_runs = finished.get((preset, model), [])
+        steps = get_image_preset(preset).training.iterations or (int(done_runs[0]["iterations"]) if done_runs else None)
+        holder, problem = folder_holder(run_dir), None
+        if _finished(run_dir, preset):
+            state, done = "finished", steps
+        else:
+            try:
+                checkpoint = load_checkpoint(run_dir)
+            except CheckpointError as error:  # mid-write by its holder, or a file to delete
+                checkpoint, problem = None, str(error)
+            done = int(checkpoint["step"]) if checkpoint else 0
+            state = ("in use" if holder else "partial" if checkpoint else
+                     "damaged checkpoint" if problem else "not started")
+        hours = None
+        if state != "finished" and done_runs and steps is not None:
+            pace = float(np.median([r["wall_time_s"] / r["iterations"] for r in done_runs]))
+            evaluation = float(np.median([r.get("evaluation_seconds") or 0.0 for r in done_runs]))
+            hours = (pace * max(steps - done, 0) + evaluation) / 3600
+        rows.append({"preset": preset, "model": model, "seed": seed, "state": state, "steps_done": done,
+                     "steps": steps, "hours_left": hours, "pace_from_runs": len(done_runs),
+                     "in_use_by": holder, "problem": problem})
+    return pd.DataFrame(rows)
+
+
+def hours_spent(results_dir: PathLike = "results/images", scale: str = "cpu") -> float:
+    """Hours of one process that the finished runs of ``scale`` took: training (with the curve's
+    evaluations) plus the final evaluation, summed over runs."""
+    return sum(r.get("wall_time_s", 0.0) + (r.get("evaluation_seconds") or 0.0) for r in _scale_runs(results_dir, scale)) / 3600
 
 
 def _model_label(run: dict) -> str:
