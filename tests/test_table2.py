@@ -9,8 +9,8 @@ import torch
 
 from monoflow.cli import main as cli_main
 from monoflow.data.images import ImageArray, load_image_dataset, load_mnist5k, read_mnist5k_csv
-from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, hours_spent, late_improvement,
-                                    planned_runs, seconds_per_step, table2, train_scale, training_plan, write_table2)
+from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, curve_gaps, hours_spent,
+                                    late_improvement, planned_runs, seconds_per_step, table2, train_scale, training_plan, write_table2)
 from monoflow.lipschitz import certify_lipschitz, update_lipschitz
 from monoflow.models.image import count_parameters, get_image_preset, image_flow
 
@@ -271,3 +271,24 @@ def test_training_plan_reads_each_runs_state_and_times_what_is_left(tmp_path, ca
     assert "0 of 4 runs finished; 4 left" in capsys.readouterr().out
     assert cli_main(["table2", "--plan", "--train", "-o", str(tmp_path)]) == 1
     assert "--plan only reports" in capsys.readouterr().err
+
+
+def test_curve_gaps_follow_the_mean_curves_of_runs_on_the_same_images():
+    """Model b's curve (two seeds, mean 1.0875 - step / 2000) crosses a's (1.0 - step / 4000) once, at
+    step 350: the gap a - b = step / 4000 - 0.0875 is negative before and positive after; runs on
+    other test images and the final evaluation are left out."""
+    import pandas as pd
+
+    rows = []
+    for step in range(100, 1100, 100):
+        rows += [{"dataset": "d", "model": "a", "seed": 0, "step": step, "bpd": 1.0 - step / 4000, "final": False,
+                  "test_images": "all"}]
+        rows += [{"dataset": "d", "model": "b", "seed": seed, "step": step, "bpd": 1.0875 - step / 2000 + offset,
+                  "final": False, "test_images": "all"} for seed, offset in ((1, 0.05), (2, -0.05))]
+    rows += [{"dataset": "d", "model": "b", "seed": 1, "step": 1000, "bpd": 9.0, "final": True, "test_images": "all"},
+             {"dataset": "d", "model": "a", "seed": 3, "step": 500, "bpd": 9.0, "final": False, "test_images": "first 5"}]
+    (gap,) = curve_gaps(pd.DataFrame(rows), "b", "a")
+    assert gap["seeds"] == (2, 1) and gap["last_step"] == 1000 and gap["late_step"] == 800
+    assert gap["gap_late"] == pytest.approx(800 / 4000 - 0.0875) and gap["gap_last"] == pytest.approx(1000 / 4000 - 0.0875)
+    assert gap["held_since"] == 400
+    assert curve_gaps(pd.DataFrame(rows), "a", "c") == []

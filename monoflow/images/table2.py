@@ -30,7 +30,7 @@ from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
 __all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan", "hours_spent", "table2",
            "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step", "learning_curves",
-           "late_improvement", "compare_models", "scale_of_preset"]
+           "late_improvement", "compare_models", "curve_gaps", "scale_of_preset"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -327,6 +327,36 @@ def learning_curves(results_dir: PathLike = "results/images", scale: str = "cpu"
              "final": step == r["iterations"] and i == len(_curve(r)) - 1, "test_images": _curve_images(r)}
             for r in _scale_runs(results_dir, scale) for i, (step, bpd) in enumerate(_curve(r))]
     return pd.DataFrame(rows, columns=["dataset", "model", "seed", "step", "bpd", "final", "test_images"])
+
+
+def curve_gaps(curves, better: str, worse: str) -> List[Dict[str, object]]:
+    """How the gap between two models moved along training, from :func:`learning_curves`: per data
+    set and set of test images, the mean over seeds of each model's points during training, and
+    their gap ``worse - better`` (positive: ``better`` is lower) at the point nearest 80% of the
+    last step both curves have, at that last step, and ``held_since``: the first step from which
+    the gap kept the sign it ends with."""
+    out = []
+    during = curves[~curves["final"]] if len(curves) else curves
+    for (dataset, images), part in during.groupby(["dataset", "test_images"]) if len(during) else []:
+        part = part[part["model"].isin([better, worse])]
+        table = part.pivot_table(index="step", columns="model", values="bpd", aggfunc="mean").dropna()
+        if set(table.columns) != {better, worse} or len(table) < 2:
+            continue
+        gap = table[worse] - table[better]
+        steps = [int(step) for step in gap.index]
+        last = steps[-1]
+        late = min(steps[:-1], key=lambda step: abs(step - 0.8 * last))
+        ends_positive = bool(gap.iloc[-1] > 0)
+        held_since = last
+        for step, value in zip(reversed(steps), reversed(gap.tolist())):
+            if (value > 0) != ends_positive:
+                break
+            held_since = step
+        seeds = part.groupby("model")["seed"].nunique()
+        out.append({"dataset": dataset, "test_images": images, "better": better, "worse": worse,
+                    "seeds": (int(seeds[better]), int(seeds[worse])), "late_step": late, "gap_late": float(gap[late]),
+                    "last_step": last, "gap_last": float(gap[last]), "held_since": held_since})
+    return out
 
 
 def _curve_images(run: dict) -> str:
