@@ -10,7 +10,8 @@ import torch
 from monoflow.cli import main as cli_main
 from monoflow.data.images import ImageArray, load_image_dataset, load_mnist5k, read_mnist5k_csv
 from monoflow.images.table2 import (ABLATION_ROWS, TABLE2_SCALES, ablation_table, curve_gaps, hours_spent,
-                                    late_improvement, planned_runs, seconds_per_step, table2, train_scale, training_plan, write_table2)
+                                    late_improvement, planned_runs, seconds_per_step, table2, train_scale, training_plan,
+                                    write_table2)
 from monoflow.lipschitz import certify_lipschitz, update_lipschitz
 from monoflow.models.image import count_parameters, get_image_preset, image_flow
 

@@ -19,24 +19,28 @@ __all__ = ["register"]
 
 
 def _print_plan(args: argparse.Namespace, images_dir: Path) -> int:
+    import pandas as pd
+
     from monoflow.images.table2 import training_plan
 
     plan = training_plan(args.scale, args.seeds, images_dir, args.presets, args.models)
-    shown = plan.assign(
-        steps=[f"{done}/{steps if steps is not None else '?'}" for done, steps in zip(plan["steps_done"], plan["steps"])],
-        hours_left=["" if state == "finished" else ("?" if hours != hours or hours is None else f"{hours:.2f}")
-                    for state, hours in zip(plan["state"], plan["hours_left"])],
-        state=[f"{state} ({holder})" if isinstance(holder, str) else state for state, holder in zip(plan["state"], plan["in_use_by"])],
-    )[["preset", "model", "seed", "state", "steps", "hours_left"]]
-    print(shown.to_string(index=False))
+    rows = []
+    for run in plan.itertuples():
+        hours = "" if run.state == "finished" else "?" if pd.isna(run.hours_left) else f"{run.hours_left:.2f}"
+        rows.append({"preset": run.preset, "model": run.model, "seed": run.seed,
+                     "state": f"{run.state} ({run.in_use_by})" if isinstance(run.in_use_by, str) else run.state,
+                     "steps": f"{run.steps_done}/{'?' if pd.isna(run.steps) else int(run.steps)}", "hours left": hours})
+    print(pd.DataFrame(rows).to_string(index=False))
     for problem in plan["problem"].dropna():
         print(problem)
     left = plan[plan["state"] != "finished"]
-    unknown = int(left["hours_left"].isna().sum())
-    timed = f"{left['hours_left'].sum():.1f} hours of one process at the finished runs' pace"
-    untimed = f"{unknown} with no finished run of their preset and model to time them by"
-    print(f"{len(plan) - len(left)} of {len(plan)} runs finished; {len(left)} left"
-          + (": " + "; ".join(([timed] if len(left) > unknown else []) + ([untimed] if unknown else [])) if len(left) else ""))
+    untimed = int(left["hours_left"].isna().sum())
+    parts = []
+    if len(left) > untimed:
+        parts.append(f"{left['hours_left'].sum():.1f} hours of one process at the finished runs' pace")
+    if untimed:
+        parts.append(f"{untimed} with no finished run of their preset and model to time them by")
+    print(f"{len(plan) - len(left)} of {len(plan)} runs finished; {len(left)} left" + (": " + "; ".join(parts) if parts else ""))
     return 0
 
 

@@ -28,9 +28,9 @@ import numpy as np
 
 from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
-__all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan", "hours_spent", "table2",
-           "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step", "learning_curves",
-           "late_improvement", "compare_models", "curve_gaps", "scale_of_preset"]
+__all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan",
+           "hours_spent", "table2", "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step",
+           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "scale_of_preset"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -175,11 +175,12 @@ def training_plan(scale: str, seeds: Sequence[int], results_dir: PathLike = "res
                   presets: Optional[Sequence[str]] = None, models: Optional[Sequence[str]] = None):
     """What ``train_scale`` has left: one row per planned run (a pandas DataFrame) with its state
     (``finished``, ``in use`` by another process, ``partial``: a checkpoint to resume, ``damaged
-    checkpoint``, with the reason under ``problem``, or ``not started``), the steps done and planned, and the hours left at the pace of the finished runs of
-    the same preset and model (their median training seconds per step, which include the curve's
-    evaluations, times the steps left, plus their median final evaluation; empty where no run of
-    that pair has finished). Hours are those of one process at the finished runs' thread count and
-    device, the ones their ``device`` column names."""
+    checkpoint``, with the reason under ``problem``, or ``not started``), the steps done and
+    planned, and the hours left at the pace of the finished runs of the same preset and model
+    (their median training seconds per step, which include the curve's evaluations, times the
+    steps left, plus their median final evaluation; empty where no run of that pair has finished).
+    Hours are those of one process at the finished runs' thread count and device, the ones their
+    ``device`` column names."""
     import pandas as pd
 
     from monoflow.checkpoint import CheckpointError, folder_holder
@@ -194,7 +195,8 @@ def training_plan(scale: str, seeds: Sequence[int], results_dir: PathLike = "res
     for preset, model, seed in planned_runs(scale, seeds, presets, models):
         run_dir = run_directory(results_dir, preset, model, seed)
         done_runs = finished.get((preset, model), [])
-        steps = get_image_preset(preset).training.iterations or (int(done_runs[0]["iterations"]) if done_runs else None)
+        steps = (get_image_preset(preset).training.iterations
+                 or (int(done_runs[0]["iterations"]) if done_runs else None))
         holder, problem = folder_holder(run_dir), None
         if _finished(run_dir, preset):
             state, done = "finished", steps
@@ -220,7 +222,8 @@ def training_plan(scale: str, seeds: Sequence[int], results_dir: PathLike = "res
 def hours_spent(results_dir: PathLike = "results/images", scale: str = "cpu") -> float:
     """Hours of one process that the finished runs of ``scale`` took: training (with the curve's
     evaluations) plus the final evaluation, summed over runs."""
-    return sum(r.get("wall_time_s", 0.0) + (r.get("evaluation_seconds") or 0.0) for r in _scale_runs(results_dir, scale)) / 3600
+    runs = _scale_runs(results_dir, scale)
+    return sum(r.get("wall_time_s", 0.0) + (r.get("evaluation_seconds") or 0.0) for r in runs) / 3600
 
 
 def _model_label(run: dict) -> str:
