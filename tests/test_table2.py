@@ -293,3 +293,44 @@ def test_curve_gaps_follow_the_mean_curves_of_runs_on_the_same_images():
     assert gap["gap_late"] == pytest.approx(800 / 4000 - 0.0875) and gap["gap_last"] == pytest.approx(1000 / 4000 - 0.0875)
     assert gap["held_since"] == 400
     assert curve_gaps(pd.DataFrame(rows), "a", "c") == []
+
+
+def test_extended_runs_continue_a_finished_run_as_if_trained_that_long(tmp_path):
+    """A finished 2-step run, copied and continued to 4 steps with more iterations, has the weights
+    of a 4-step run trained from the start; extended_runs puts both lengths' bpds side by side."""
+    import shutil
+
+    from monoflow.images.checkpoint import load_checkpoint
+    from monoflow.images.table2 import extended_runs
+    from monoflow.images.training import train_image_flow
+
+    def train(root, iterations):
+        return train_image_flow("digits-cpu", model="monotone", results_dir=str(root), seed=0, iterations=iterations,
+                                model_overrides=TINY, train_data=_synthetic(24, 0), test_data=_synthetic(8, 1),
+                                training_overrides=dict(batch_size=8, log_every=1, checkpoint_every=1,
+                                                        warmup_iterations=1, eval_batch_size=8, n_eval_draws=2,
+                                                        n_samples=0, eval_every=1, eval_curve_images=8),
+                                progress=False)
+
+    train(tmp_path / "base", 2)
+    run = tmp_path / "base" / "digits-cpu" / "monotone" / "seed0"
+    continued = tmp_path / "longer" / "digits-cpu" / "monotone" / "seed0"
+    continued.mkdir(parents=True)
+    for name in ("checkpoint.pt", "rng_rank0.pt", "log.jsonl"):
+        shutil.copy(run / name, continued / name)
+    longer = train(tmp_path / "longer", 4)
+    from_start = train(tmp_path / "scratch", 4)
+    a = load_checkpoint(continued, map_location="cpu")["model"]
+    b = load_checkpoint(tmp_path / "scratch" / "digits-cpu" / "monotone" / "seed0", map_location="cpu")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in longer["evaluations"]] == [1, 2, 3, 4]
+
+    table = extended_runs(tmp_path / "longer", tmp_path / "base", "cpu")
+    assert len(table) == 1
+    row = table.iloc[0]
+    short = json.loads((run / "run.json").read_text())
+    assert (row["steps_base"], row["steps"]) == (2, 4)
+    assert row["bpd_base"] == short["metrics"]["bpd_test"] and row["bpd"] == longer["metrics"]["bpd_test"]
+    assert row["change"] == pytest.approx(longer["metrics"]["bpd_test"] / short["metrics"]["bpd_test"] - 1)
+    assert row["late_improvement"] == pytest.approx(late_improvement(longer))
+    assert extended_runs(tmp_path / "base", tmp_path / "longer", "cpu").empty  # shorter than its base: not an extension

@@ -30,7 +30,7 @@ from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
 __all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan",
            "hours_spent", "table2", "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step",
-           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "scale_of_preset"]
+           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "extended_runs", "scale_of_preset"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -387,6 +387,33 @@ def late_improvement(run: dict) -> Optional[float]:
     target = 0.8 * run["iterations"]
     step, bpd = min(points[:-1], key=lambda p: abs(p[0] - target))
     return (bpd - points[-1][1]) / bpd
+
+
+def extended_runs(extended_dir: PathLike, base_dir: PathLike = "results/images", scale: str = "cpu"):
+    """Runs trained on past their scale's length, next to the run they continue: one row per
+    finished run of ``scale`` under ``extended_dir`` whose (preset, model, seed) has a shorter
+    finished run under ``base_dir``. Columns: the test bpd of the final evaluations at both lengths
+    (``bpd_base`` after ``steps_base``, ``bpd`` after ``steps``), ``change`` = bpd / bpd_base - 1,
+    and the last-fifth improvement (:func:`late_improvement`) of each. A run continued from the
+    base run's checkpoint with more ``--iterations`` trains as one run of that length would: the
+    learning rate is constant after warm-up and each step's batch and noise follow (seed, step);
+    only the log-det estimator's random draws after the resume may differ."""
+    import pandas as pd
+
+    base = {(r["preset"], r["model"], r["seed"]): r for r in _scale_runs(base_dir, scale)}
+    rows = []
+    for run in _scale_runs(extended_dir, scale):
+        short = base.get((run["preset"], run["model"], run["seed"]))
+        if short is None or short["iterations"] >= run["iterations"]:
+            continue
+        bpd, bpd_base = float(run["metrics"]["bpd_test"]), float(short["metrics"]["bpd_test"])
+        rows.append({"dataset": run["dataset"], "model": _model_label(run), "seed": run["seed"],
+                     "steps_base": int(short["iterations"]), "bpd_base": bpd_base,
+                     "late_improvement_base": late_improvement(short), "steps": int(run["iterations"]), "bpd": bpd,
+                     "late_improvement": late_improvement(run), "change": bpd / bpd_base - 1})
+    columns = ["dataset", "model", "seed", "steps_base", "bpd_base", "late_improvement_base", "steps", "bpd",
+               "late_improvement", "change"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "model", "seed"]).reset_index(drop=True)
 
 
 def compare_models(table, better: str, worse: str) -> List[Dict[str, object]]:

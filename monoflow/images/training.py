@@ -421,7 +421,14 @@ class _ImageRun:
         return {key: round(value, 4) for key, value in entry.items() if key in shown}
 
     def evaluation_due(self, step: int) -> bool:
-        return bool(self.training.eval_every) and step % self.training.eval_every == 0 and step < self.total_steps
+        """Every ``eval_every`` steps, and at the last step when a final evaluation follows: that
+        point is then in the finished checkpoint, so a run continued past it keeps it."""
+        training = self.training
+        if not training.eval_every:
+            return False
+        if step == self.total_steps:
+            return self.final_evaluation and training.eval_curve_images > 0
+        return step % training.eval_every == 0
 
     def evaluate(self, loss: torch.Tensor) -> None:
         self.state.evaluations.append({"step": self.state.step, **self._curve_point()})
@@ -457,7 +464,8 @@ class _ImageRun:
         if self.final_evaluation and training.eval_every and training.eval_curve_images > 0 \
                 and not stopped_by_time_budget and not any(e["step"] == state.step for e in state.evaluations):
             # the learning curve's last point, measured as its other points are (the final evaluation
-            # below uses every test image and several draws, so it is not comparable with them)
+            # below uses every test image and several draws, so it is not comparable with them); the
+            # step loop takes it already, this is for checkpoints finished before it did
             state.evaluations.append({"step": state.step, **self._curve_point()})
             record["evaluations"] = state.evaluations
         if self.final_evaluation:
