@@ -334,3 +334,44 @@ def test_extended_runs_continue_a_finished_run_as_if_trained_that_long(tmp_path)
     assert row["change"] == pytest.approx(longer["metrics"]["bpd_test"] / short["metrics"]["bpd_test"] - 1)
     assert row["late_improvement"] == pytest.approx(late_improvement(longer))
     assert extended_runs(tmp_path / "base", tmp_path / "longer", "cpu").empty  # shorter than its base: not an extension
+
+
+def test_a_run_resumed_from_a_curve_on_the_first_test_images_keeps_them(tmp_path):
+    """A checkpoint whose curve points carry no subset label (made before the spread subset, on the
+    split's first images) continues its curve on the first images, labelled as such."""
+    from monoflow.checkpoint import save_checkpoint
+    from monoflow.images.checkpoint import checkpoint_path, load_checkpoint
+    from monoflow.images.training import train_image_flow
+
+    def train(iterations):
+        return train_image_flow("digits-cpu", model="idensenet", results_dir=str(tmp_path), seed=0,
+                                iterations=iterations, model_overrides=TINY, train_data=_synthetic(24, 0),
+                                test_data=_synthetic(8, 1),
+                                training_overrides=dict(batch_size=8, log_every=1, checkpoint_every=1,
+                                                        warmup_iterations=1, eval_batch_size=8, n_eval_draws=2,
+                                                        n_samples=0, eval_every=1, eval_curve_images=4),
+                                progress=False)
+
+    first = train(2)
+    assert {e["curve_subset"] for e in first["evaluations"]} == {"spread, seed 0"}
+    run = tmp_path / "digits-cpu" / "idensenet" / "seed0"
+    state = load_checkpoint(run, map_location="cpu")
+    for point in state["evaluations"]:
+        del point["curve_subset"]
+    save_checkpoint(checkpoint_path(run), state)
+    longer = train(4)
+    assert [e.get("curve_subset") for e in longer["evaluations"]] == [None, None, "first 4", "first 4"]
+
+
+def test_late_improvement_and_curves_use_the_last_points_test_images():
+    """Points on the first 5 of 10 test images (no label), then on the spread subset: only the
+    latter count, and each point is labelled with its own images."""
+    from monoflow.images.table2 import _curve
+
+    run = {"iterations": 1000, "metrics": {"bpd_test": 0.5, "n_test_images": 10},
+           "evaluations": [{"step": s, "bpd_test": 1.0, "n_test_images": 5} for s in (100, 200, 300, 400, 500)]
+           + [{"step": s, "bpd_test": 2.0 - s / 1000, "n_test_images": 5, "curve_subset": "spread, seed 0"}
+              for s in (600, 700, 800, 900, 1000)]}
+    assert late_improvement(run) == pytest.approx((1.2 - 1.0) / 1.2)
+    labels = [images for _, _, images in _curve(run)]
+    assert labels == ["first 5"] * 5 + ["spread, seed 0"] * 6  # the final evaluation goes with the last curve

@@ -312,10 +312,18 @@ def _scale_runs(results_dir: PathLike, scale: str) -> List[dict]:
     return [r for r in read_runs(results_dir) if r.get("preset") in presets and "bpd_test" in r.get("metrics", {})]
 
 
-def _curve(run: dict) -> List[Tuple[int, float]]:
-    """(step, test bpd) of a run: its evaluations during training, then the final one."""
-    points = [(int(e["step"]), float(e["bpd_test"])) for e in run.get("evaluations", []) if "bpd_test" in e]
-    return points + [(int(run["iterations"]), float(run["metrics"]["bpd_test"]))]
+def _curve_points(run: dict) -> List[Tuple[int, float, str]]:
+    """(step, test bpd, test images) of a run's evaluations during training."""
+    total = run.get("metrics", {}).get("n_test_images")
+    return [(int(e["step"]), float(e["bpd_test"]), _point_images(e, total))
+            for e in run.get("evaluations", []) if "bpd_test" in e]
+
+
+def _curve(run: dict) -> List[Tuple[int, float, str]]:
+    """:func:`_curve_points`, then the final evaluation (labelled with the last point's images,
+    so that it stays with its curve)."""
+    points = _curve_points(run)
+    return points + [(int(run["iterations"]), float(run["metrics"]["bpd_test"]), points[-1][2] if points else "all")]
 
 
 def learning_curves(results_dir: PathLike = "results/images", scale: str = "cpu"):
@@ -327,8 +335,9 @@ def learning_curves(results_dir: PathLike = "results/images", scale: str = "cpu"
     import pandas as pd
 
     rows = [{"dataset": r["dataset"], "model": _model_label(r), "seed": r["seed"], "step": step, "bpd": bpd,
-             "final": step == r["iterations"] and i == len(_curve(r)) - 1, "test_images": _curve_images(r)}
-            for r in _scale_runs(results_dir, scale) for i, (step, bpd) in enumerate(_curve(r))]
+             "final": i == len(curve) - 1, "test_images": images}
+            for r in _scale_runs(results_dir, scale) for curve in [_curve(r)]
+            for i, (step, bpd, images) in enumerate(curve)]
     return pd.DataFrame(rows, columns=["dataset", "model", "seed", "step", "bpd", "final", "test_images"])
 
 
@@ -362,16 +371,13 @@ def curve_gaps(curves, better: str, worse: str) -> List[Dict[str, object]]:
     return out
 
 
-def _curve_images(run: dict) -> str:
-    """Which test images a run's learning curve used: ``"all"``, ``"spread, seed 0"``
-    (:func:`~monoflow.data.images.spread_subset`) or, for runs before the spread subset,
+def _point_images(point: dict, total: Optional[int]) -> str:
+    """Which test images a curve point used: ``"all"``, ``"spread, seed 0"``
+    (:func:`~monoflow.data.images.spread_subset`) or, for points before the spread subset,
     ``"first N"``: the first N of the split, which on a split ordered by class is a few classes."""
-    points = [e for e in run.get("evaluations", []) if "bpd_test" in e]
-    if not points:
-        return "all"
-    if "curve_subset" in points[0]:
-        return points[0]["curve_subset"]
-    used, total = points[0].get("n_test_images"), run.get("metrics", {}).get("n_test_images")
+    if "curve_subset" in point:
+        return point["curve_subset"]
+    used = point.get("n_test_images")
     return "all" if used is None or total is None or used >= total else f"first {used}"
 
 
@@ -380,12 +386,14 @@ def late_improvement(run: dict) -> Optional[float]:
     learning curve's own points (the same test images and one draw each): (bpd at the point nearest
     80% of the steps - bpd at the last point) / the former. Below 0.01 counts as a plateau. The
     final evaluation (all test images, several draws) is not mixed in; when a run has no curve
-    point at its last step, the last point during training stands for it."""
-    points = [(int(e["step"]), float(e["bpd_test"])) for e in run.get("evaluations", []) if "bpd_test" in e]
+    point at its last step, the last point during training stands for it. Only points on the last
+    point's test images count (a run continued past a change of them has two sets)."""
+    points = _curve_points(run)
+    points = [p for p in points if p[2] == points[-1][2]] if points else points
     if len(points) < 2:
         return None
     target = 0.8 * run["iterations"]
-    step, bpd = min(points[:-1], key=lambda p: abs(p[0] - target))
+    step, bpd, _ = min(points[:-1], key=lambda p: abs(p[0] - target))
     return (bpd - points[-1][1]) / bpd
 
 

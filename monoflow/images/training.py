@@ -434,8 +434,12 @@ class _ImageRun:
         self.state.evaluations.append({"step": self.state.step, **self._curve_point()})
 
     def _curve_point(self) -> Dict[str, Any]:
+        # a run resumed from a checkpoint whose curve predates the spread subset keeps the test
+        # images it started with (the split's first ones), so that its curve stays one curve
+        earlier = self.state.evaluations
+        first_images = bool(earlier) and "curve_subset" not in earlier[0]
         return _evaluate_curve_point(self.flow, self.ema, self.test_data, self.ctx, self.training, self.density,
-                                     self.seed, self.eval_limit)
+                                     self.seed, self.eval_limit, first_images)
 
     def checkpoint_due(self, step: int, seconds_since_save: float) -> bool:
         return step % self.training.checkpoint_every == 0
@@ -501,15 +505,21 @@ class _ImageRun:
 
 
 def _evaluate_curve_point(flow: ImageFlow, ema: ExponentialMovingAverage, test_data: ImageArray,
-                          ctx: DistributedContext, training, density: bool, seed: int, limit: int) -> Dict[str, Any]:
+                          ctx: DistributedContext, training, density: bool, seed: int, limit: int,
+                          first_images: bool = False) -> Dict[str, Any]:
     """An evaluation during training: as at the end, or, when the training config sets
     ``eval_curve_images``, one draw on that many test images spread over the test split
-    (:func:`~monoflow.data.images.spread_subset`, the same images at every point; a cheaper curve)."""
+    (:func:`~monoflow.data.images.spread_subset`, the same images at every point; a cheaper curve);
+    with ``first_images``, on the split's first ones instead, as runs did before the spread subset."""
     if training.eval_curve_images <= 0:
         return _evaluate(flow, ema, test_data, ctx, training, density, seed, limit)
     n = min(limit, training.eval_curve_images) if limit > 0 else training.eval_curve_images
+    one_draw = replace(training, n_eval_draws=1)
+    if first_images:
+        point = _evaluate(flow, ema, test_data, ctx, one_draw, density, seed, n)
+        return {**point, "curve_subset": "all" if n >= len(test_data) else f"first {n}"}
     subset = spread_subset(test_data, n)
-    point = _evaluate(flow, ema, subset, ctx, replace(training, n_eval_draws=1), density, seed, 0)
+    point = _evaluate(flow, ema, subset, ctx, one_draw, density, seed, 0)
     return {**point, "curve_subset": "all" if subset is test_data else "spread, seed 0"}
 
 
