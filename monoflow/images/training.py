@@ -437,7 +437,8 @@ class _ImageRun:
         # a run resumed from a checkpoint whose curve predates the spread subset keeps the test
         # images it started with (the split's first ones), so that its curve stays one curve
         earlier = self.state.evaluations
-        first_images = bool(earlier) and "curve_subset" not in earlier[0]
+        first_images = (bool(earlier) and "curve_subset" not in earlier[0]
+                        and earlier[0].get("n_test_images", len(self.test_data)) < len(self.test_data))
         return _evaluate_curve_point(self.flow, self.ema, self.test_data, self.ctx, self.training, self.density,
                                      self.seed, self.eval_limit, first_images)
 
