@@ -404,8 +404,8 @@ def extended_runs(extended_dir: PathLike, base_dir: PathLike = "results/images",
     (``bpd_base`` after ``steps_base``, ``bpd`` after ``steps``), ``change`` = bpd / bpd_base - 1,
     and the last-fifth improvement (:func:`late_improvement`) of each. A run continued from the
     base run's checkpoint with more ``--iterations`` trains as one run of that length would: the
-    learning rate is constant after warm-up and each step's batch and noise follow (seed, step);
-    only the log-det estimator's random draws after the resume may differ."""
+    learning rate is constant after warm-up, each step's batch and noise follow (seed, step), and
+    the checkpoint restores the random state (a test checks that the weights are identical)."""
     import pandas as pd
 
     base = {(r["preset"], r["model"], r["seed"]): r for r in _scale_runs(base_dir, scale)}

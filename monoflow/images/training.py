@@ -423,12 +423,15 @@ class _ImageRun:
     def evaluation_due(self, step: int) -> bool:
         """Every ``eval_every`` steps, and at the last step when a final evaluation follows: that
         point is then in the finished checkpoint, so a run continued past it keeps it."""
-        training = self.training
-        if not training.eval_every:
+        if not self.training.eval_every:
             return False
         if step == self.total_steps:
-            return self.final_evaluation and training.eval_curve_images > 0
-        return step % training.eval_every == 0
+            return self._takes_last_curve_point()
+        return step % self.training.eval_every == 0
+
+    def _takes_last_curve_point(self) -> bool:
+        """Whether the curve gets a point at the last step (evaluated as the other points are)."""
+        return self.final_evaluation and bool(self.training.eval_every) and self.training.eval_curve_images > 0
 
     def evaluate(self, loss: torch.Tensor) -> None:
         self.state.evaluations.append({"step": self.state.step, **self._curve_point()})
@@ -466,8 +469,8 @@ class _ImageRun:
     def finish(self, stopped_by_time_budget: bool) -> Dict[str, Any]:
         record = self._record(stopped_by_time_budget)
         state, training = self.state, self.training
-        if self.final_evaluation and training.eval_every and training.eval_curve_images > 0 \
-                and not stopped_by_time_budget and not any(e["step"] == state.step for e in state.evaluations):
+        if self._takes_last_curve_point() and not stopped_by_time_budget \
+                and not any(e["step"] == state.step for e in state.evaluations):
             # the learning curve's last point, measured as its other points are (the final evaluation
             # below uses every test image and several draws, so it is not comparable with them); the
             # step loop takes it already, this is for checkpoints finished before it did
