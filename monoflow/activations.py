@@ -1,7 +1,9 @@
 r"""Lipschitz activations for the network :math:`g` of monotone and residual blocks.
 
-Everything here is plain PyTorch (no compiled extension), works in float32 and float64 on any
-device, and exposes the same small interface so that :mod:`monoflow.lipschitz` can propagate
+Everything here is plain PyTorch and works in float32 and float64 on any device; on a CPU,
+CPila computes with the fused kernels of :mod:`monoflow.kernels` where they are built (the same
+values up to rounding, one pass instead of about twenty operators). All activations expose the
+same small interface so that :mod:`monoflow.lipschitz` can propagate
 Jacobians and certify Lipschitz constants without knowing which activation it holds:
 
 - ``forward(x)``: the activation; a *concatenating* activation maps ``(B, C, ...)`` to
@@ -37,6 +39,8 @@ from typing import Callable, Dict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from monoflow import kernels
 
 __all__ = [
     "pila",
@@ -273,6 +277,65 @@ def _cpila_lipschitz_bound(k: float, shift: float, scale: float, n: int = 2_000_
     return (value.max().item() + slope * spacing / 2 + 1e-12) / scale
 
 
+def _cpila_slope(x: torch.Tensor, k: float, shift: float, scale: float) -> torch.Tensor:
+    r""":math:`[P'(x - s), -P'(-x - s)] / c` along dim 1 with plain (differentiable) operators."""
+    first, second = pila_derivative(torch.cat([x, -x], dim=1) - shift, k).chunk(2, dim=1)
+    return torch.cat([first, -second], dim=1) / scale
+
+
+def _cpila_curvature(x: torch.Tensor, k: float, shift: float, scale: float) -> torch.Tensor:
+    r""":math:`[P''(x - s), P''(-x - s)] / c` along dim 1 (the derivative in x of each half of
+    the slope) with plain (differentiable) operators."""
+    return pila_second_derivative(torch.cat([x, -x], dim=1) - shift, k) / scale
+
+
+def _sum_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=1)
+    return first + second
+
+
+class _FusedCPila(torch.autograd.Function):
+    """CPila by the fused kernel; backward by the fused kernel, or by plain differentiable
+    operators when the backward itself is recorded (double backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: float, shift: float, scale: float):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.constants = (k, shift, scale)
+        return kernels.cpila_forward(x, k, shift, scale, with_slope=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled() or not kernels.applicable(grad_value):
+            return _sum_halves(grad_value * _cpila_slope(x, *ctx.constants)), None, None, None
+        return kernels.cpila_backward(x, grad_value, None, *ctx.constants), None, None, None
+
+
+class _FusedCPilaValueAndSlope(torch.autograd.Function):
+    """``(CPila(x), CPila'(x))`` by the fused kernel; backward as :class:`_FusedCPila`'s, with the
+    slope's gradient through :math:`P''`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: float, shift: float, scale: float):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.constants = (k, shift, scale)
+        return kernels.cpila_forward(x, k, shift, scale, with_slope=True)
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor, grad_slope: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        given = grad_value if grad_value is not None else grad_slope
+        if torch.is_grad_enabled() or not kernels.applicable(given):
+            grad = 0.0
+            if grad_value is not None:
+                grad = grad_value * _cpila_slope(x, *ctx.constants)
+            if grad_slope is not None:
+                grad = grad + grad_slope * _cpila_curvature(x, *ctx.constants)
+            return _sum_halves(grad), None, None, None
+        return kernels.cpila_backward(x, grad_value, grad_slope, *ctx.constants), None, None, None
+
+
 class CPila(nn.Module):
     r"""Concatenated Pila: :math:`[\mathrm{Pila}(x - 0.2), \mathrm{Pila}(-x - 0.2)] / 1.06` along
     dim 1 (doubles the channels).
@@ -297,18 +360,25 @@ class CPila(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_concat_input(x, "CPila")
+        if kernels.applicable(x):
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _FusedCPila.apply(x, self.k, self.shift, self.scale)
+            return kernels.cpila_forward(x, self.k, self.shift, self.scale, with_slope=False)[0]
         # one Pila call on both halves: half the kernel launches of two calls
         return _apply_pila(torch.cat([x, -x], dim=1) - self.shift, self.k) / self.scale
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`[\mathrm{Pila}'(x - 0.2), -\mathrm{Pila}'(-x - 0.2)] / 1.06` along dim 1."""
         _check_concat_input(x, "CPila")
-        first, second = pila_derivative(torch.cat([x, -x], dim=1) - self.shift, self.k).chunk(2, dim=1)
-        return torch.cat([first, -second], dim=1) / self.scale
+        return _cpila_slope(x, self.k, self.shift, self.scale)
 
     def value_and_derivative(self, x: torch.Tensor):
         """``(CPila(x), CPila'(x))`` (as :meth:`forward` and :meth:`derivative`) in one pass."""
         _check_concat_input(x, "CPila")
+        if kernels.applicable(x):
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _FusedCPilaValueAndSlope.apply(x, self.k, self.shift, self.scale)
+            return kernels.cpila_forward(x, self.k, self.shift, self.scale, with_slope=True)
         value, slope = pila_value_and_derivative(torch.cat([x, -x], dim=1) - self.shift, self.k)
         return value / self.scale, slope * self._slope_signs(x)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["provenance", "git_commit", "device_description", "machine_of", "benchmark_report", "save_benchmark_report",
+__all__ = ["provenance", "git_commit", "device_description", "cpu_kernels", "machine_of", "benchmark_report", "save_benchmark_report",
            "compare_timings", "run_benchmark"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -68,8 +68,17 @@ def machine_of(description: str) -> str:
     return re.sub(r", \d+ threads\)$", ")", str(description))
 
 
+def cpu_kernels() -> str:
+    """How CPila computes on the CPU in this process: ``"fused"`` (:mod:`monoflow.kernels`) or
+    ``"plain operators (<why>)"``; CPU timings differ between the two."""
+    from monoflow import kernels
+
+    state = kernels.status()
+    return "fused" if state["available"] else f"plain operators ({state['reason']})"
+
+
 def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[str, Any]:
-    """Versions, commit, device, time and command line, plus any ``extra`` fields."""
+    """Versions, commit, device, CPU kernels, time and command line, plus any ``extra`` fields."""
     from monoflow import __version__
 
     record: Dict[str, Any] = {
@@ -80,6 +89,7 @@ def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[s
         "platform": platform.platform(),
         "device": device_description(device),
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": cpu_kernels(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }

@@ -129,7 +129,8 @@ def test_the_recorded_residual_is_that_of_the_solution_the_loss_uses():
     the log-det), not at the point before the differentiable step. With one Newton step before it,
     the two differ by orders of magnitude."""
     torch.manual_seed(5)
-    # two blocks: deeper, the eager recomputation's rounding (about 1e-6) reaches these residuals
+    # two blocks: deeper, the eager recomputation's rounding (up to about 2e-6 in the second block, whose
+    # input is the first's eager output) reaches these residuals
     flow = _spread_weights(toy_flow("monotone", **{**ARCHITECTURE, "nblocks": 2}))
     loss_fn = CompiledFlowLoss(flow, newton_steps=1)
     loss_fn.atol, loss_fn.rtol = 1.0, 0.0  # record without falling back to the eager loss
@@ -143,7 +144,7 @@ def test_the_recorded_residual_is_that_of_the_solution_the_loss_uses():
             w_before, value_before, _ = newton_resolvent(block.g, b, 0)  # the point the last step starts from
             before_step = (w_before + value_before - b).norm(dim=1)
             assert float(before_step.max()) > 100 * float(at_solution.max())
-            assert torch.allclose(block.last_solves["forward"].residual, at_solution, rtol=1e-2, atol=1e-6)
+            assert torch.allclose(block.last_solves["forward"].residual, at_solution, rtol=1e-2, atol=3e-6)
             x = SQRT2 * w - x
 
 

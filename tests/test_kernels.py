@@ -1,0 +1,144 @@
+"""The fused CPila kernels (monoflow.kernels) against CPila's plain operators, and their fallbacks."""
+import os
+
+import pytest
+import torch
+
+from monoflow import kernels
+from monoflow.activations import CPila, pila_second_derivative
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels: {kernels.status()['reason']}")
+
+TOLERANCES = {torch.float32: dict(rtol=2e-6, atol=3e-7), torch.float64: dict(rtol=1e-14, atol=1e-15)}
+
+
+def _inputs(shape, dtype, seed=0):
+    """Values over the whole range of Pila (both branches, the clamp at t = -60) and the special
+    values NaN, +inf, -inf and the kink x = -shift."""
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed)) * 2.0
+    flat = x.view(-1)
+    flat[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.2, 0.2, -30.0], dtype=dtype)
+    return x
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(500, 8), (3, 4, 5, 6), (2, 3)])
+def test_fused_values_match_plain_operators(dtype, shape):
+    activation = CPila()
+    x = _inputs(shape, dtype)
+    assert kernels.applicable(x)
+    with torch.no_grad():
+        with kernels.enabled(False):
+            value, slope = activation.value_and_derivative(x)
+            only_value = activation(x)
+        fused_value, fused_slope = activation.value_and_derivative(x)
+        fused_only_value = activation(x)
+    for mine, plain in ((fused_value, value), (fused_slope, slope), (fused_only_value, only_value)):
+        assert mine.shape == plain.shape == (shape[0], 2 * shape[1]) + shape[2:]
+        torch.testing.assert_close(mine, plain, equal_nan=True, **TOLERANCES[dtype])
+
+
+@needs_kernels
+def test_fused_exponential_is_accurate_over_the_clamped_range():
+    """Against the plain operators in float64 at the same inputs: the float64 kernel within a few
+    rounding errors, the float32 one about as close as the plain float32 operators (its e^t has a
+    degree-7 polynomial; both lose digits to cancellation in the cubic polynomials)."""
+    x32 = torch.linspace(-13.0, 13.0, 200_001).reshape(1, -1)
+    activation = CPila()
+    with torch.no_grad():
+        with kernels.enabled(False):
+            exact = activation.value_and_derivative(x32.double())
+        for mine, plain in zip(activation.value_and_derivative(x32.double()), exact):
+            torch.testing.assert_close(mine, plain, rtol=2e-15, atol=1e-16)
+        with kernels.enabled(False):
+            plain32 = activation.value_and_derivative(x32)
+        for mine, plain, reference in zip(activation.value_and_derivative(x32), plain32, exact):
+            error = (mine.double() - reference).abs().max()
+            assert error <= 1.5 * (plain.double() - reference).abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 3, 3)])
+def test_fused_gradients_pass_gradcheck_and_gradgradcheck(shape):
+    """Backward by the kernel (gradcheck); double backward by the plain operators (gradgradcheck)."""
+    activation = CPila()
+    x = (torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.6)
+    x.requires_grad_(True)
+    assert kernels.applicable(x)
+    assert type(activation(x).grad_fn).__name__.startswith("_FusedCPila")
+    assert torch.autograd.gradcheck(activation, (x,))
+    assert torch.autograd.gradcheck(activation.value_and_derivative, (x,))
+    assert torch.autograd.gradgradcheck(activation, (x,))
+    assert torch.autograd.gradgradcheck(activation.value_and_derivative, (x,))
+
+
+@needs_kernels
+def test_fused_backward_matches_plain_backward_with_strided_gradients():
+    activation = CPila()
+    x = _inputs((40, 6), torch.float32)[:, ::2].clone()  # no NaN in the gradients' check
+    x = torch.nan_to_num(x, nan=0.3, posinf=5.0, neginf=-5.0).requires_grad_(True)
+    weights = torch.randn(6, 40).t()  # a non-contiguous incoming gradient
+
+    def gradient(fused: bool):
+        with kernels.enabled(fused):
+            value, slope = activation.value_and_derivative(x)
+            (grad,) = torch.autograd.grad((value * weights).sum() + (slope * weights.flip(0)).sum(), x)
+        return grad
+
+    torch.testing.assert_close(gradient(True), gradient(False), rtol=2e-6, atol=2e-6)
+
+
+@needs_kernels
+def test_backward_of_the_kernel_uses_the_second_derivative():
+    r"""d/dx of sum(slope) is sum over halves of P''(u)/c: checked against the closed form."""
+    activation = CPila()
+    x = torch.tensor([[-0.9, -0.3, 0.1, 0.5, 1.2]], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(activation.value_and_derivative(x)[1].sum(), x)
+    with torch.no_grad():
+        expected = (pila_second_derivative(x - 0.2) + pila_second_derivative(-x - 0.2)) / 1.06
+    torch.testing.assert_close(grad, expected, rtol=1e-13, atol=1e-15)
+
+
+def test_plain_operators_under_torch_func_transforms():
+    """jacrev of CPila (transforms active: the plain path) equals the diagonal of its derivative."""
+    activation = CPila()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    jacobian = torch.func.jacrev(activation)(x)  # (1, 6, 1, 3)
+    slope = activation.derivative(x)
+    expected = torch.cat([torch.diag(slope[0, :3]), torch.diag(slope[0, 3:])]).reshape(1, 6, 1, 3)
+    torch.testing.assert_close(jacobian, expected)
+
+
+def test_switched_off_by_environment_variable(monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "0")
+    library, state = kernels._load()
+    assert library is None and not state["available"] and kernels.DISABLE_VARIABLE in state["reason"]
+
+
+def test_no_compiler_and_failing_compiler_say_why(monkeypatch, tmp_path):
+    monkeypatch.delenv(kernels.DISABLE_VARIABLE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    library, state = kernels._load()
+    assert library is None and "no C compiler" in state["reason"]
+
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    library, state = kernels._load()
+    assert library is None and "failed" in state["reason"]
+    assert not any(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler")
+def test_build_is_cached_per_machine(monkeypatch, tmp_path):
+    monkeypatch.delenv(kernels.DISABLE_VARIABLE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library, state = kernels._load()
+    assert library is not None and state["available"], state["reason"]
+    path = state["library"]
+    assert path.startswith(str(tmp_path)) and os.path.exists(path)
+    built = os.stat(path).st_mtime_ns
+    again, state_again = kernels._load()
+    assert state_again["library"] == path and os.stat(path).st_mtime_ns == built  # loaded, not rebuilt
