@@ -533,3 +533,32 @@ def test_no_grad_weights_are_checked_once_per_pass_and_again_after_it():
             expected = layer(expected)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_a_training_pass_computes_the_folded_weights_once(monkeypatch):
+    """In a pass with autograd on, the solves' no-grad weights are the detached differentiable
+    ones: one computation of the folded weights per g and pass instead of two, the same values,
+    and the same gradients as a pass that computes them separately."""
+    from monoflow.blocks import MonotoneBlock
+    from monoflow.flows import Flow
+    from monoflow.lipschitz.dense import DenseNet
+
+    torch.manual_seed(2)
+    g = dense_mlp(2, 2, 8, coeff=0.9)
+    set_learnable_concat(g, True)
+    flow = Flow([MonotoneBlock(g)], event_shape=(2,)).double()
+    x = torch.randn(32, 2, dtype=F64)
+    calls = []
+    original = DenseNet._scaled_weights
+    monkeypatch.setattr(DenseNet, "_scaled_weights", lambda self, width: calls.append(width) or original(self, width))
+    flow.log_prob(x).mean().backward()
+    assert len(calls) == 1
+    shared = [p.grad.clone() for p in flow.parameters()]
+
+    flow.zero_grad()
+    monkeypatch.setattr("monoflow.lipschitz.dense.pass_records_graph", lambda: False)  # the no-grad weights apart
+    calls.clear()
+    flow.log_prob(x).mean().backward()
+    assert len(calls) == 2
+    for mine, separate in zip(shared, [p.grad for p in flow.parameters()]):
+        torch.testing.assert_close(mine, separate, rtol=1e-12, atol=1e-14)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from monoflow.activations import make_activation
 from monoflow.lipschitz.chain import _propagate_jacobian
-from monoflow.lipschitz.parameter_reuse import _version_key, reused_transform
+from monoflow.lipschitz.parameter_reuse import _version_key, pass_records_graph, reused_transform
 from monoflow.lipschitz.spectral_norm import SpectralNormConv2d, SpectralNormLinear
 from monoflow.lipschitz.validation import _check_coeff, _check_positive_int
 
@@ -218,7 +218,15 @@ class DenseNet(nn.Module):
         pass (:func:`~monoflow.lipschitz.reuse_parameter_transforms`, where parameters cannot
         change) the cache's version check runs once, not at every evaluation of a solve."""
         return reused_transform(self, ("column_scaled_weights", width),
-                                lambda: self._checked_column_scaled_weights(width))
+                                lambda: self._pass_column_scaled_weights(width))
+
+    def _pass_column_scaled_weights(self, width: int) -> List[torch.Tensor]:
+        """In a pass that records a graph (training), the differentiable weights that its graph
+        evaluations will use, computed here once and detached; otherwise the cached ones."""
+        if pass_records_graph():
+            with torch.enable_grad():
+                return [weight.detach() for weight in self._folded_weights(width)]
+        return self._checked_column_scaled_weights(width)
 
     def _checked_column_scaled_weights(self, width: int) -> List[torch.Tensor]:
         *dense, last = self.layers

@@ -9,7 +9,7 @@ from typing import Callable, Hashable, Tuple
 
 import torch
 
-__all__ = ["reuse_parameter_transforms", "reused_transform"]
+__all__ = ["reuse_parameter_transforms", "reused_transform", "pass_records_graph"]
 
 _PASS = threading.local()
 
@@ -26,11 +26,20 @@ def reuse_parameter_transforms():
     outermost = getattr(_PASS, "cache", None) is None
     if outermost:
         _PASS.cache = {}
+        _PASS.records_graph = torch.is_grad_enabled()
     try:
         yield
     finally:
         if outermost:
             _PASS.cache = None
+            _PASS.records_graph = False
+
+
+def pass_records_graph() -> bool:
+    """Whether a :func:`reuse_parameter_transforms` pass is open and was opened with autograd on:
+    its solves (run without autograd) and its graph evaluations then use the same transforms,
+    which can be computed once with autograd and detached for the solves."""
+    return getattr(_PASS, "cache", None) is not None and getattr(_PASS, "records_graph", False)
 
 
 def reused_transform(owner: object, name: Hashable, compute: Callable[[], object]):
