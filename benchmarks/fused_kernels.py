@@ -1,15 +1,18 @@
-"""CPila's fused CPU kernels (``monoflow.kernels``) against its plain operators, measured side by side.
+"""The fused CPU kernels of CPila and (C)LipSwish (``monoflow.kernels``) against their plain operators,
+measured side by side.
 
 Three levels, each alternating the two ways round after round so both see the same machine load:
 
 1. one call of CPila with its derivative (``value_and_derivative``, no autograd) on the 2-D toy
    models' pre-activations (500 x 8) and on an image block's (64 x 16 x 14 x 14: the mnist5k-cpu
    Monotone Flow's growth 32 at batch 64 on squeezed 14 x 14 images);
-2. eager training iterations of the paper's 2-D Monotone Flow (8gaussians, learnable concatenation
-   on), in one process, switching with ``kernels.enabled``;
-3. training steps of the ``mnist5k-cpu`` Monotone Flow preset (``--image-steps`` steps per process,
-   after 2 warm-up steps), in fresh processes taking turns, one with ``MONOFLOW_FUSED_KERNELS=0``;
-   both start from the same seed, so their training losses agree up to rounding.
+2. eager training iterations of the paper's 2-D models (Monotone Flow with CPila, i-DenseNet with
+   CLipSwish, Residual Flow with LipSwish; 8gaussians, learnable concatenation on), in one
+   process, switching with ``kernels.enabled``;
+3. training steps of the ``mnist5k-cpu`` preset's Monotone Flow and i-DenseNet (``--image-steps``
+   steps per process, after 2 warm-up steps), in fresh processes taking turns, one with
+   ``MONOFLOW_FUSED_KERNELS=0``; both start from the same seed, so their training losses agree up
+   to rounding.
 
 Each row gives the median time of each way, their ratio (``speedup`` = plain / fused) and, for the
 training rows, the largest difference of the losses the two ways computed on the same batches.
@@ -43,6 +46,7 @@ from monoflow.lipschitz import set_learnable_concat  # noqa: E402
 from monoflow.provenance import benchmark_report, run_benchmark  # noqa: E402
 
 WAYS = {"plain": False, "fused": True}
+MODEL_NAMES = {"monotone": "Monotone Flow", "idensenet": "i-DenseNet", "resflow": "Residual Flow"}
 
 
 def _alternate(run: Callable[[], Any], rounds: int) -> Dict[str, List[float]]:
@@ -77,8 +81,8 @@ def activation_call(shape: tuple, rounds: int) -> Dict[str, Any]:
                 {way: [t * 1e6 for t in ts] for way, ts in _alternate(run, rounds).items()}, calls)
 
 
-def toy_training(rounds: int, steps: int) -> Dict[str, Any]:
-    config = toy_config("paper", model="monotone", dataset="8gaussians")
+def toy_training(model_name: str, rounds: int, steps: int) -> Dict[str, Any]:
+    config = toy_config("paper", model=model_name, dataset="8gaussians")
     experiment = ToyExperiment(config)
     torch.manual_seed(config.seed)
     model = experiment.build_model()
@@ -101,31 +105,31 @@ def toy_training(rounds: int, steps: int) -> Dict[str, Any]:
         for _ in range(steps):
             training_step(experiment, model, optimizer, generator, "cpu", next(counter), timers)
 
-    return _row("eager training iteration, 2-D Monotone Flow (paper settings, 8gaussians)", "s_per_iteration",
+    return _row(f"eager training iteration, 2-D {MODEL_NAMES[model_name]} (paper settings, 8gaussians)", "s_per_iteration",
                 _alternate(run, rounds), steps, loss_difference=abs(losses["plain"] - losses["fused"]))
 
 
-def _image_worker(steps: int) -> Dict[str, Any]:
+def _image_worker(model_name: str, steps: int) -> Dict[str, Any]:
     from monoflow.images.benchmark import measure_training
 
-    row = measure_training("mnist5k-cpu", "monotone", steps=steps, eval_images=0, threads=1, warmup_steps=2)
+    row = measure_training("mnist5k-cpu", model_name, steps=steps, eval_images=0, threads=1, warmup_steps=2)
     return {"seconds_per_step": row["seconds_per_step"], "forward_evaluations_per_block": row["forward_evaluations_per_block"],
             "adjoint_evaluations_per_block": row["adjoint_evaluations_per_block"],
             "train_surrogate_bpd_last": row["train_surrogate_bpd_last"], "cpu_kernels": kernels.status()["available"]}
 
 
-def image_training(rounds: int, steps: int) -> Dict[str, Any]:
+def image_training(model_name: str, rounds: int, steps: int) -> Dict[str, Any]:
     results: Dict[str, List[Dict[str, Any]]] = {way: [] for way in WAYS}
     for _ in range(rounds):
         for way, on in WAYS.items():
             environment = dict(os.environ, **({} if on else {kernels.DISABLE_VARIABLE: "0"}))
-            completed = subprocess.run([sys.executable, __file__, "--image-worker", str(steps)], env=environment,
+            completed = subprocess.run([sys.executable, __file__, "--image-worker", model_name, str(steps)], env=environment,
                                        capture_output=True, text=True, check=True)
             results[way].append(json.loads(completed.stdout.strip().splitlines()[-1]))
     assert all(r["cpu_kernels"] == WAYS[way] for way in WAYS for r in results[way])
     times = {way: [r["seconds_per_step"] for r in results[way]] for way in WAYS}
     last = {way: results[way][0]["train_surrogate_bpd_last"] for way in WAYS}
-    return _row(f"training step, mnist5k-cpu Monotone Flow ({steps} steps per process, 2 of them warm-up)",
+    return _row(f"training step, mnist5k-cpu {MODEL_NAMES[model_name]} ({steps} steps per process, 2 of them warm-up)",
                 "s_per_step", times, 1, loss_difference=abs(last["plain"] - last["fused"]),
                 forward_evaluations_per_block=results["fused"][0]["forward_evaluations_per_block"],
                 adjoint_evaluations_per_block=results["fused"][0]["adjoint_evaluations_per_block"])
@@ -139,11 +143,11 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--image-steps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "fused_kernels.json")
-    parser.add_argument("--image-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--image-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.image_worker:
-        print(json.dumps(_image_worker(args.image_worker)))
+        print(json.dumps(_image_worker(args.image_worker[0], int(args.image_worker[1]))))
         return 0
     if not kernels.available():
         print(f"the fused kernels are not available here: {kernels.status()['reason']}")
@@ -152,10 +156,11 @@ def main(argv: Any = None) -> int:
     cases: Dict[str, Callable[[], Dict[str, Any]]] = {
         "toy activation": lambda: activation_call((500, 8), args.rounds),
         "image activation": lambda: activation_call((64, 16, 14, 14), args.rounds),
-        "toy training": lambda: toy_training(args.rounds, args.toy_steps),
+        **{f"toy training {name}": (lambda name=name: toy_training(name, args.rounds, args.toy_steps)) for name in MODEL_NAMES},
     }
     if args.image_rounds:
-        cases["image training"] = lambda: image_training(args.image_rounds, args.image_steps)
+        for name in ("monotone", "idensenet"):
+            cases[f"image training {name}"] = lambda name=name: image_training(name, args.image_rounds, args.image_steps)
     run_benchmark(report, list(cases), lambda name: cases[name](),
                   lambda row: f"{row['case']}: x{row['speedup']:.2f}", args.output)
     return 0

@@ -1,7 +1,7 @@
 r"""Lipschitz activations for the network :math:`g` of monotone and residual blocks.
 
 Everything here is plain PyTorch and works in float32 and float64 on any device; on a CPU,
-CPila computes with the fused kernels of :mod:`monoflow.kernels` where they are built (the same
+CPila and (C)LipSwish compute with the fused kernels of :mod:`monoflow.kernels` where they are built (the same
 values up to rounding, one pass instead of about twenty operators). All activations expose the
 same small interface so that :mod:`monoflow.lipschitz` can propagate
 Jacobians and certify Lipschitz constants without knowing which activation it holds:
@@ -34,7 +34,7 @@ Pila' <= 1, so Pila is 1-Lipschitz for every k.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -409,16 +409,72 @@ def _lipswish_derivative(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return (s + beta * x * s * (1 - s)) / 1.1
 
 
+def _lipswish_backward_plain(x: torch.Tensor, beta: torch.Tensor, grad_value: Optional[torch.Tensor],
+                             grad_slope: Optional[torch.Tensor], halves: int, scale: float):
+    r"""The gradients in x and :math:`\beta` of :math:`\langle\bar v, \text{value}\rangle +
+    \langle\bar s, \text{slope}\rangle` for (C)LipSwish, with plain differentiable operators (the
+    double backward of the fused kernels): with :math:`z = \beta u`, :math:`\sigma' = \sigma(1-\sigma)`
+    and :math:`\kappa = 2 + z(1 - 2\sigma)`, :math:`f'' = \beta\sigma'\kappa/1.1`,
+    :math:`\partial_\beta f = u^2\sigma'/1.1`, :math:`\partial_\beta f' = u\sigma'\kappa/1.1`; half
+    h reads :math:`u = \pm x`."""
+    grad_x, grad_beta = 0.0, 0.0
+    values = grad_value.chunk(halves, dim=1) if grad_value is not None else [None] * halves
+    slopes = grad_slope.chunk(halves, dim=1) if grad_slope is not None else [None] * halves
+    for sign, gv, gs in zip((1.0, -1.0), values, slopes):
+        u = sign * x
+        z = beta * u
+        s = torch.sigmoid(z)
+        ds = s * (1 - s)
+        bend = 2 + z * (1 - 2 * s)
+        if gv is not None:
+            grad_x = grad_x + sign * gv * (s + z * ds) / 1.1
+            grad_beta = grad_beta + gv * u * u * ds / 1.1
+        if gs is not None:
+            grad_x = grad_x + gs * beta * ds * bend / 1.1
+            grad_beta = grad_beta + sign * gs * u * ds * bend / 1.1
+    return grad_x / scale, (grad_beta / scale).sum().reshape(beta.shape)
+
+
+class _FusedLipSwish(torch.autograd.Function):
+    """(C)LipSwish with a scalar :math:`\\beta` by the fused kernels: the value, or
+    ``(value, slope)``; backward (in x and :math:`\\beta`) by the kernel, or by plain differentiable
+    operators when the backward itself is recorded."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, beta: torch.Tensor, halves: int, scale: float,  # type: ignore[override]
+                with_slope: bool):
+        ctx.save_for_backward(x, beta)
+        ctx.constants = (halves, scale)
+        value, slope = kernels.lipswish_forward(x, float(beta), halves, scale, with_slope)
+        return (value, slope) if with_slope else value
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor, grad_slope: Optional[torch.Tensor] = None):  # type: ignore[override]
+        x, beta = ctx.saved_tensors
+        halves, scale = ctx.constants
+        given = grad_value if grad_value is not None else grad_slope
+        if torch.is_grad_enabled() or not kernels.applicable(given):
+            grad_x, grad_beta = _lipswish_backward_plain(x, beta, grad_value, grad_slope, halves, scale)
+        else:
+            grad_x, grad_beta = kernels.lipswish_backward(x, grad_value, grad_slope, float(beta), halves, scale)
+            grad_beta = grad_beta.reshape(beta.shape).to(beta.dtype)
+        return grad_x, grad_beta, None, None, None
+
+
 class LipSwish(nn.Module):
     r"""LipSwish: :math:`x\,\sigma(\beta x) / 1.1` with :math:`\beta = \mathrm{softplus}(b)` and
     a learnable scalar :math:`b` (initialised to 0.5).
 
     With :math:`t = \beta x` the derivative is :math:`(\sigma(t) + t\sigma(t)(1-\sigma(t)))/1.1`,
-    a function of :math:`t` alone, in [-0.0908, 0.99986] for every :math:`\beta > 0`.
+    a function of :math:`t` alone, in [-0.0908, 0.99986] for every :math:`\beta > 0`. On a CPU the
+    module's own :math:`\beta` computes through the fused kernels of :mod:`monoflow.kernels`.
     """
 
     concatenates: bool = False
     lipschitz_constant: float = 0.99986
+    #: outputs per input channel (CLipSwish: 2) and the divisor of the output
+    halves: int = 1
+    scale: float = 1.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -429,11 +485,32 @@ class LipSwish(nn.Module):
         return F.softplus(self.b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_beta(x, self.beta)
+        fused = self._fused(x, with_slope=False)
+        return fused[0] if fused is not None else self.forward_with_beta(x, self.beta)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise derivative (differentiable in x and in b)."""
         return self.derivative_with_beta(x, self.beta)
+
+    def value_and_derivative(self, x: torch.Tensor):
+        """``(f(x), f'(x))`` (as :meth:`forward` and :meth:`derivative`) in one pass."""
+        fused = self._fused(x, with_slope=True)
+        if fused is not None:
+            return fused
+        beta = self.beta
+        return self.forward_with_beta(x, beta), self.derivative_with_beta(x, beta)
+
+    def _fused(self, x: torch.Tensor, with_slope: bool):
+        """``(value, slope or None)`` by the fused kernels, or ``None`` where they do not apply."""
+        if not kernels.applicable(x):
+            return None
+        if self.halves == 2:
+            _check_concat_input(x, type(self).__name__)
+        beta = self.beta
+        if torch.is_grad_enabled() and (x.requires_grad or beta.requires_grad):
+            out = _FusedLipSwish.apply(x, beta, self.halves, self.scale, with_slope)
+            return out if with_slope else (out, None)
+        return kernels.lipswish_forward(x, float(beta), self.halves, self.scale, with_slope)
 
     def forward_with_beta(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """The activation with a given :math:`\\beta` (a scalar, or one per row of ``x``)."""
@@ -451,6 +528,7 @@ class CLipSwish(LipSwish):
 
     concatenates: bool = True
     lipschitz_constant: float = 0.99997
+    halves: int = 2
     scale: float = 1.004
 
     def forward_with_beta(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -59,12 +59,12 @@ __all__ = ["CompiledFlowLoss", "CompiledUpdate", "DEFAULT_NEWTON_STEPS", "DEFAUL
            "newton_resolvent"]
 
 
-#: Newton converges quadratically: from w = b, 2 steps and the differentiable one reach float32
-#: precision on the paper's toy Monotone Flow (largest residual about 1e-6 over training, as with 3
-#: steps, where 1 step misses the tolerance on 2-4% of samples: benchmarks/newton_steps.py); the
-#: residual at the solution is checked on every batch, and a batch that misses it is recomputed
-#: by the eager flow
-DEFAULT_NEWTON_STEPS = 2
+#: Newton converges quadratically: from w = b, 3 steps and the differentiable one reach float32
+#: precision on the paper's toy Monotone Flow over whole runs. 2 do not: on checkerboard they keep
+#: every sample within the tolerance up to about 17,500 of 50,000 iterations, then miss it on up to
+#: 0.08% of samples, and a batch with one such sample is recomputed by the eager flow
+#: (benchmarks/newton_steps.py; benchmarks/results/newton_steps.json)
+DEFAULT_NEWTON_STEPS = 3
 
 #: blocks per compiled graph: for the 10-block toy Monotone Flow, a first process compiled groups of 2
 #: in 230 s against 477 s for one graph of the whole flow, a second (warm cache) in 47 s against 117 s
@@ -220,7 +220,7 @@ class CompiledFlowLoss:
         flow: a :class:`~monoflow.flows.Flow` of MonotoneBlock / ResidualBlock with DenseNet or
             LipschitzChain g and ``logdet="exact"``.
         newton_steps: Newton steps per solve before the differentiable one (default
-            :data:`DEFAULT_NEWTON_STEPS`, 2).
+            :data:`DEFAULT_NEWTON_STEPS`, 3).
         atol, rtol: the convergence test's tolerances (default: the solver's for the dtype).
         blocks_per_graph: how many consecutive blocks one compiled graph holds (default
             :data:`DEFAULT_BLOCKS_PER_GRAPH`, 2; ``None``: the whole flow). The graph is compiled

@@ -1,11 +1,13 @@
-r"""Fused CPU kernels: CPila and its derivatives in one pass, compiled at first use.
+r"""Fused CPU kernels: CPila, LipSwish and CLipSwish with their derivatives in one pass each,
+compiled at first use.
 
 In plain PyTorch, :class:`~monoflow.activations.CPila` with its derivative is about twenty
 elementwise operators (concatenate, shift, clamp, exponential, two cubic polynomials, selects,
-scale). On a CPU each operator is a dispatch and a pass over memory: on the 2-D toy models'
-(500, 8) pre-activations the twenty dispatches cost about 110 us where the arithmetic needs a few,
-and on image tensors the twenty passes over memory cost ten times one. The kernels here compute,
-for :math:`u_1 = x - s`, :math:`u_2 = -x - s` and :math:`c` = ``scale``,
+scale), (C)LipSwish about a dozen. On a CPU each operator is a dispatch and a pass over memory: on
+the 2-D toy models' (500, 8) pre-activations the twenty dispatches cost about 110 us where the
+arithmetic needs a few, and on image tensors the twenty passes over memory cost ten times one. For
+CPila the kernels here compute, with :math:`u_1 = x - s`, :math:`u_2 = -x - s` and :math:`c` =
+``scale``,
 
 .. math::
 
@@ -15,7 +17,9 @@ for :math:`u_1 = x - s`, :math:`u_2 = -x - s` and :math:`c` = ``scale``,
 (:math:`P` = Pila, :math:`\bar v, \bar s` the gradients of value and slope, :math:`\bar x` that of
 x), with :math:`e^t` for :math:`t = k\,\min(u, 0) \ge -60` from a range reduction and a polynomial
 (float32: degree 7, float64: degree 13; about one rounding error of the result) in one vectorised
-loop. NaN inputs give NaN outputs, as the plain operators do.
+loop. For (C)LipSwish, :math:`f(u) = u\,\sigma(\beta u)/1.1` and the halves :math:`[f(x), f(-x)]`,
+the same with :math:`\sigma` from :math:`e^{-|\beta u|}`, and the backward also gives the gradient
+of the scalar :math:`\beta`. NaN inputs give NaN outputs, as the plain operators do.
 
 The C source below has no dependency (no torch headers): the first use compiles it with the
 machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native``, and
@@ -26,7 +30,7 @@ processes load the library (milliseconds). Where there is no compiler, the build
 ``MONOFLOW_FUSED_KERNELS=0`` is set, :func:`status` says why and the activations run their plain
 PyTorch operators, which give the same values up to rounding. The plain operators also run for
 tensors not on the CPU, not float32/float64, inside ``torch.compile`` (Inductor fuses them
-itself) and under ``torch.func`` transforms.
+itself), under ``torch.func`` transforms and, for (C)LipSwish, with one :math:`\beta` per row.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["status", "available", "applicable", "enabled", "cpila_forward", "cpila_backward", "SOURCE"]
+__all__ = ["status", "available", "applicable", "enabled", "cpila_forward", "cpila_backward", "lipswish_forward",
+           "lipswish_backward", "SOURCE"]
 
 #: the environment variable that switches the fused kernels off (``0``, ``off``, ``false``, ``no``)
 DISABLE_VARIABLE = "MONOFLOW_FUSED_KERNELS"
@@ -158,14 +163,84 @@ void cpila_backward_##SUFFIX(const T* restrict x, const T* restrict grad_value, 
     }                                                                                             \
 }
 
+/* LipSwish f(u) = u sig(z) / 1.1 with z = beta u, and the derivatives the backward needs
+   (sig' = sig (1 - sig)): f' = (sig + z sig') / 1.1, f'' = beta sig' (2 + z (1 - 2 sig)) / 1.1,
+   df/dbeta = u^2 sig' / 1.1, df'/dbeta = u sig' (2 + z (1 - 2 sig)) / 1.1. sig from e^-|z|. With
+   halves = 2 (CLipSwish) the output is [f(x), f(-x)] and the slope [f'(x), -f'(-x)]. */
+#define LIPSWISH_KERNELS(T, SUFFIX, EXP)                                                          \
+static inline T sigmoid_##SUFFIX(T z) {                                                           \
+    T a = z < (T)0 ? z : -z;                                                                      \
+    T e = EXP(a < (T)-60 ? (T)-60 : a);                                                           \
+    T small = e / ((T)1 + e);                                                                     \
+    return z < (T)0 ? small : (T)1 - small;                                                       \
+}                                                                                                 \
+static inline T lipswish_value_##SUFFIX(T u, T beta) {                                            \
+    return u * sigmoid_##SUFFIX(beta * u) / (T)1.1;                                               \
+}                                                                                                 \
+static inline T lipswish_slope_##SUFFIX(T u, T beta) {                                            \
+    T z = beta * u, s = sigmoid_##SUFFIX(z);                                                      \
+    return (s + z * s * ((T)1 - s)) / (T)1.1;                                                     \
+}                                                                                                 \
+                                                                                                  \
+void lipswish_forward_##SUFFIX(const T* restrict x, T* restrict value, T* restrict slope,         \
+                               int64_t rows, int64_t cols, int64_t halves, T beta, T inv_scale) { \
+    for (int64_t b = 0; b < rows; ++b) {                                                          \
+        const T* xb = x + b * cols;                                                               \
+        for (int64_t h = 0; h < halves; ++h) {                                                    \
+            const T sign = h ? (T)-1 : (T)1;                                                      \
+            T* v = value + (halves * b + h) * cols;                                               \
+            for (int64_t j = 0; j < cols; ++j)                                                    \
+                v[j] = lipswish_value_##SUFFIX(sign * xb[j], beta) * inv_scale;                   \
+            if (slope) {                                                                          \
+                T* s = slope + (halves * b + h) * cols;                                           \
+                for (int64_t j = 0; j < cols; ++j)                                                \
+                    s[j] = sign * lipswish_slope_##SUFFIX(sign * xb[j], beta) * inv_scale;        \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+void lipswish_backward_##SUFFIX(const T* restrict x, const T* restrict grad_value,                \
+                                const T* restrict grad_slope, T* restrict grad_x,                 \
+                                T* restrict grad_beta, int64_t rows, int64_t cols,                \
+                                int64_t halves, T beta, T inv_scale) {                            \
+    for (int64_t b = 0; b < rows; ++b) {                                                          \
+        const T* xb = x + b * cols;                                                               \
+        T* gx = grad_x + b * cols;                                                                \
+        T* gb = grad_beta + b * cols;                                                             \
+        for (int64_t j = 0; j < cols; ++j) { gx[j] = (T)0; gb[j] = (T)0; }                        \
+        for (int64_t h = 0; h < halves; ++h) {                                                    \
+            const T sign = h ? (T)-1 : (T)1;                                                      \
+            const T* gv = grad_value + (halves * b + h) * cols;                                   \
+            const T* gs = grad_slope ? grad_slope + (halves * b + h) * cols : 0;                  \
+            for (int64_t j = 0; j < cols; ++j) {                                                  \
+                T u = sign * xb[j], z = beta * u, s = sigmoid_##SUFFIX(z);                        \
+                T ds = s * ((T)1 - s), bend = (T)2 + z * ((T)1 - (T)2 * s);                       \
+                gx[j] += sign * gv[j] * (s + z * ds) / (T)1.1;                                    \
+                gb[j] += gv[j] * u * u * ds / (T)1.1;                                             \
+                if (gs) {                                                                         \
+                    gx[j] += gs[j] * beta * ds * bend / (T)1.1;                                   \
+                    gb[j] += sign * gs[j] * u * ds * bend / (T)1.1;                               \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        for (int64_t j = 0; j < cols; ++j) { gx[j] *= inv_scale; gb[j] *= inv_scale; }           \
+    }                                                                                             \
+}
+
 PILA_KERNELS(float, f32, exp_f32)
 PILA_KERNELS(double, f64, exp_f64)
+LIPSWISH_KERNELS(float, f32, exp_f32)
+LIPSWISH_KERNELS(double, f64, exp_f64)
 """
 
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _PORTABLE_FLAGS = ("-O3", "-shared", "-fPIC")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _CTYPE = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+#: each C function's arguments: (pointers, int64 sizes, scalars of the tensors' type)
+_SIGNATURES = {"cpila_forward": (3, 2, 3), "cpila_backward": (4, 2, 3),
+               "lipswish_forward": (3, 3, 2), "lipswish_backward": (5, 3, 2)}
 
 _lock = threading.Lock()
 _state: Dict[str, Any] = {"library": None, "status": None}
@@ -245,13 +320,10 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Dict[str, Any]]:
     except OSError as error:
         return None, {"available": False, "reason": f"could not build or load {path}: {error}", "library": None}
     for dtype, suffix in _SUFFIX.items():
-        scalar = _CTYPE[dtype]
-        forward = getattr(library, f"cpila_forward_{suffix}")
-        forward.restype = None
-        forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [scalar] * 3
-        backward = getattr(library, f"cpila_backward_{suffix}")
-        backward.restype = None
-        backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [scalar] * 3
+        for name, (pointers, integers, scalars) in _SIGNATURES.items():
+            function = getattr(library, f"{name}_{suffix}")
+            function.restype = None
+            function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers + [_CTYPE[dtype]] * scalars
     return library, {"available": True, "reason": "", "library": str(path)}
 
 
@@ -337,3 +409,42 @@ def cpila_backward(x: Tensor, grad_value: Optional[Tensor], grad_slope: Optional
         x.data_ptr(), grad_value.data_ptr(), grad_slope.data_ptr() if grad_slope is not None else None,
         grad_x.data_ptr(), rows, cols, k, shift, 1.0 / scale)
     return grad_x
+
+
+def _widened(x: Tensor, halves: int) -> torch.Size:
+    return torch.Size((x.shape[0], halves * x.shape[1]) + tuple(x.shape[2:]))
+
+
+def lipswish_forward(x: Tensor, beta: float, halves: int, scale: float,
+                     with_slope: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    r"""``(value, slope)`` of LipSwish (``halves=1``) or CLipSwish (``halves=2``) at ``x``
+    (B, C, ...) for a scalar :math:`\beta`, divided by ``scale``; no autograd; call only where
+    :func:`applicable` holds."""
+    x = x.detach().contiguous()
+    value = torch.empty(_widened(x, halves), dtype=x.dtype)
+    slope = torch.empty_like(value) if with_slope else None
+    rows = x.shape[0]
+    cols = x.numel() // rows if rows else 0
+    getattr(_library(), f"lipswish_forward_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), value.data_ptr(), slope.data_ptr() if slope is not None else None,
+        rows, cols, halves, beta, 1.0 / scale)
+    return value, slope
+
+
+def lipswish_backward(x: Tensor, grad_value: Optional[Tensor], grad_slope: Optional[Tensor], beta: float,
+                      halves: int, scale: float) -> Tuple[Tensor, Tensor]:
+    r"""The gradients with respect to ``x`` and to :math:`\beta` (a 0-dim tensor) of
+    :math:`\langle \bar v, \text{value}\rangle + \langle \bar s, \text{slope}\rangle` for
+    :func:`lipswish_forward`'s outputs; either incoming gradient may be ``None`` (zero)."""
+    x = x.detach().contiguous()
+    if grad_value is None:
+        grad_value = torch.zeros(_widened(x, halves), dtype=x.dtype)
+    grad_value = grad_value.detach().contiguous().to(x.dtype)
+    grad_slope = None if grad_slope is None else grad_slope.detach().contiguous().to(x.dtype)
+    grad_x, grad_beta = torch.empty_like(x), torch.empty_like(x)
+    rows = x.shape[0]
+    cols = x.numel() // rows if rows else 0
+    getattr(_library(), f"lipswish_backward_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), grad_value.data_ptr(), grad_slope.data_ptr() if grad_slope is not None else None,
+        grad_x.data_ptr(), grad_beta.data_ptr(), rows, cols, halves, beta, 1.0 / scale)
+    return grad_x, grad_beta.sum()

@@ -1,11 +1,12 @@
-"""The fused CPila kernels (monoflow.kernels) against CPila's plain operators, and their fallbacks."""
+"""The fused kernels (monoflow.kernels) of CPila and (C)LipSwish against their plain operators, and
+their fallbacks."""
 import os
 
 import pytest
 import torch
 
 from monoflow import kernels
-from monoflow.activations import CPila, pila_second_derivative
+from monoflow.activations import CLipSwish, CPila, LipSwish, pila_second_derivative
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels: {kernels.status()['reason']}")
 
@@ -142,3 +143,63 @@ def test_build_is_cached_per_machine(monkeypatch, tmp_path):
     built = os.stat(path).st_mtime_ns
     again, state_again = kernels._load()
     assert state_again["library"] == path and os.stat(path).st_mtime_ns == built  # loaded, not rebuilt
+
+
+@needs_kernels
+@pytest.mark.parametrize("make", [LipSwish, CLipSwish])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(500, 8), (3, 4, 5, 6)])
+def test_fused_lipswish_values_match_plain_operators(make, dtype, shape):
+    activation = make().to(dtype)
+    with torch.no_grad():
+        activation.b.fill_(-0.7)  # beta = softplus(b) away from its initial value
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(4)) * 3.0
+    x.view(-1)[:3] = torch.tensor([float("nan"), 80.0, -80.0], dtype=dtype)  # NaN, sigmoid's far tails
+    assert kernels.applicable(x)
+    with torch.no_grad():
+        with kernels.enabled(False):
+            value, slope = activation.value_and_derivative(x)
+            only_value = activation(x)
+        fused_value, fused_slope = activation.value_and_derivative(x)
+        fused_only_value = activation(x)
+    for mine, plain in ((fused_value, value), (fused_slope, slope), (fused_only_value, only_value)):
+        assert mine.shape == plain.shape == (shape[0], activation.halves * shape[1]) + shape[2:]
+        torch.testing.assert_close(mine, plain, equal_nan=True, **TOLERANCES[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("make", [LipSwish, CLipSwish])
+def test_fused_lipswish_gradients_in_x_and_b(make):
+    """gradcheck / gradgradcheck in x and in the learnable b (through beta = softplus(b)): the
+    kernel's backward, and the plain operators' for the double backward."""
+    activation = make().double()
+    x = (torch.randn(5, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 1.5).requires_grad_(True)
+    b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def with_b(function):
+        def run(x, b):
+            with torch.no_grad():
+                activation.b.copy_(b)
+            activation.b.requires_grad_(False)
+            # route b's gradient through beta = softplus(b) as the module does
+            beta = torch.nn.functional.softplus(b)
+            return function(x, beta)
+        return run
+
+    def value_and_slope(x, beta):
+        from monoflow.activations import _FusedLipSwish
+        return _FusedLipSwish.apply(x, beta, activation.halves, activation.scale, True)
+
+    assert kernels.applicable(x)
+    assert type(activation(x).grad_fn).__name__ == "_FusedLipSwishBackward"
+    assert torch.autograd.gradcheck(with_b(value_and_slope), (x, b))
+    assert torch.autograd.gradgradcheck(with_b(value_and_slope), (x, b))
+    # the module's own path: gradients reach x and b
+    activation.b.requires_grad_(True)
+    value, slope = activation.value_and_derivative(x)
+    grads = torch.autograd.grad(value.sum() + slope.square().sum(), (x, activation.b))
+    with kernels.enabled(False):
+        value, slope = activation.value_and_derivative(x)
+        expected = torch.autograd.grad(value.sum() + slope.square().sum(), (x, activation.b))
+    for mine, plain in zip(grads, expected):
+        torch.testing.assert_close(mine, plain, rtol=1e-12, atol=1e-14)

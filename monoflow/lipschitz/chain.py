@@ -35,6 +35,9 @@ def _propagate_jacobian(layers: Sequence[nn.Module], w: torch.Tensor) -> Tuple[t
     for layer in layers:
         if hasattr(layer, "forward_with_jacobian"):
             x, jac = layer.forward_with_jacobian(x, jac)
+        elif hasattr(layer, "value_and_derivative") and not getattr(layer, "concatenates", False):
+            x, slope = layer.value_and_derivative(x)
+            jac = slope.unsqueeze(1) * jac
         elif hasattr(layer, "derivative") and not getattr(layer, "concatenates", False):
             x, jac = layer(x), layer.derivative(x).unsqueeze(1) * jac
         else:
