@@ -204,6 +204,7 @@ void lipswish_backward_##SUFFIX(const T* restrict x, const T* restrict grad_valu
                                 const T* restrict grad_slope, T* restrict grad_x,                 \
                                 T* restrict grad_beta, int64_t rows, int64_t cols,                \
                                 int64_t halves, T beta, T inv_scale) {                            \
+    const T c = inv_scale / (T)1.1;                                                               \
     for (int64_t b = 0; b < rows; ++b) {                                                          \
         const T* xb = x + b * cols;                                                               \
         T* gx = grad_x + b * cols;                                                                \
@@ -212,19 +213,21 @@ void lipswish_backward_##SUFFIX(const T* restrict x, const T* restrict grad_valu
         for (int64_t h = 0; h < halves; ++h) {                                                    \
             const T sign = h ? (T)-1 : (T)1;                                                      \
             const T* gv = grad_value + (halves * b + h) * cols;                                   \
-            const T* gs = grad_slope ? grad_slope + (halves * b + h) * cols : 0;                  \
             for (int64_t j = 0; j < cols; ++j) {                                                  \
-                T u = sign * xb[j], z = beta * u, s = sigmoid_##SUFFIX(z);                        \
-                T ds = s * ((T)1 - s), bend = (T)2 + z * ((T)1 - (T)2 * s);                       \
-                gx[j] += sign * gv[j] * (s + z * ds) / (T)1.1;                                    \
-                gb[j] += gv[j] * u * u * ds / (T)1.1;                                             \
-                if (gs) {                                                                         \
-                    gx[j] += gs[j] * beta * ds * bend / (T)1.1;                                   \
-                    gb[j] += sign * gs[j] * u * ds * bend / (T)1.1;                               \
+                T u = sign * xb[j], z = beta * u, s = sigmoid_##SUFFIX(z), ds = s * ((T)1 - s);   \
+                gx[j] += sign * gv[j] * (s + z * ds) * c;                                         \
+                gb[j] += gv[j] * u * u * ds * c;                                                  \
+            }                                                                                     \
+            if (grad_slope) {                                                                     \
+                const T* gs = grad_slope + (halves * b + h) * cols;                               \
+                for (int64_t j = 0; j < cols; ++j) {                                              \
+                    T u = sign * xb[j], z = beta * u, s = sigmoid_##SUFFIX(z), ds = s * ((T)1 - s); \
+                    T bend = (T)2 + z * ((T)1 - (T)2 * s);                                        \
+                    gx[j] += gs[j] * beta * ds * bend * c;                                        \
+                    gb[j] += sign * gs[j] * u * ds * bend * c;                                    \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
-        for (int64_t j = 0; j < cols; ++j) { gx[j] *= inv_scale; gb[j] *= inv_scale; }           \
     }                                                                                             \
 }
 
