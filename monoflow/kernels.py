@@ -42,9 +42,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -184,6 +185,7 @@ static inline T lipswish_slope_##SUFFIX(T u, T beta) {                          
                                                                                                   \
 void lipswish_forward_##SUFFIX(const T* restrict x, T* restrict value, T* restrict slope,         \
                                int64_t rows, int64_t cols, int64_t halves, T beta, T inv_scale) { \
+    if (halves == 1) { cols *= rows; rows = 1; } /* one flat loop: short rows do not vectorise */ \
     for (int64_t b = 0; b < rows; ++b) {                                                          \
         const T* xb = x + b * cols;                                                               \
         for (int64_t h = 0; h < halves; ++h) {                                                    \
@@ -205,6 +207,7 @@ void lipswish_backward_##SUFFIX(const T* restrict x, const T* restrict grad_valu
                                 T* restrict grad_beta, int64_t rows, int64_t cols,                \
                                 int64_t halves, T beta, T inv_scale) {                            \
     const T c = inv_scale / (T)1.1;                                                               \
+    if (halves == 1) { cols *= rows; rows = 1; }                                                  \
     for (int64_t b = 0; b < rows; ++b) {                                                          \
         const T* xb = x + b * cols;                                                               \
         T* gx = grad_x + b * cols;                                                                \
@@ -375,8 +378,59 @@ def applicable(x: Tensor) -> bool:
             and not _transforms_active() and _library() is not None)
 
 
-def _doubled(x: Tensor) -> torch.Size:
-    return torch.Size((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:]))
+#: inputs of at least this many elements are split into row blocks over torch's intra-op threads
+PARALLEL_ELEMENTS = 1 << 18
+
+_pool: Dict[str, Any] = {"executor": None, "workers": 0}
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    if _pool["workers"] != workers:
+        if _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=False)
+        _pool["executor"], _pool["workers"] = ThreadPoolExecutor(max_workers=workers), workers
+    return _pool["executor"]
+
+
+def _run(name: str, rows: int, tensors: Sequence[Optional[Tensor]], integers: Sequence[int],
+         scalars: Sequence[float]) -> None:
+    """Call the C function ``name`` (for the first tensor's dtype) on contiguous ``tensors`` whose
+    first dimension is ``rows`` (``None``: a null pointer), then ``rows``, ``integers`` and
+    ``scalars``. Large inputs are split into blocks of rows, one per intra-op thread of torch
+    (``torch.get_num_threads``): :mod:`ctypes` releases the GIL, so the blocks run in parallel."""
+    function = getattr(_library(), f"{name}_{_SUFFIX[tensors[0].dtype]}")
+    row_bytes = [None if t is None else (t.numel() // rows if rows else 0) * t.element_size() for t in tensors]
+
+    def call(start: int, stop: int) -> None:
+        pointers = [None if t is None else t.data_ptr() + start * size for t, size in zip(tensors, row_bytes)]
+        function(*pointers, stop - start, *integers, *scalars)
+
+    workers = min(torch.get_num_threads(), rows)
+    if workers < 2 or tensors[0].numel() < PARALLEL_ELEMENTS:
+        call(0, rows)
+        return
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
+
+
+def _prepared(x: Tensor, widened: torch.Size, grad_value: Optional[Tensor],
+              grad_slope: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``x`` and the incoming gradients, detached, contiguous and of x's dtype (a zero gradient of
+    the value where it is ``None``)."""
+    x = x.detach().contiguous()
+    grad_value = torch.zeros(widened, dtype=x.dtype) if grad_value is None else grad_value
+    grad_value = grad_value.detach().contiguous().to(x.dtype)
+    grad_slope = None if grad_slope is None else grad_slope.detach().contiguous().to(x.dtype)
+    return x, grad_value, grad_slope
+
+
+def _widened(x: Tensor, halves: int) -> torch.Size:
+    """The output's shape: dim 1 times ``halves``."""
+    return torch.Size((x.shape[0], halves * x.shape[1]) + tuple(x.shape[2:]))
+
+
+def _columns(x: Tensor) -> int:
+    return x.numel() // x.shape[0] if x.shape[0] else 0
 
 
 def cpila_forward(x: Tensor, k: float, shift: float, scale: float,
@@ -385,13 +439,9 @@ def cpila_forward(x: Tensor, k: float, shift: float, scale: float,
     (B, 2C, ...); ``slope`` is ``None`` unless ``with_slope``. No autograd; call only where
     :func:`applicable` holds."""
     x = x.detach().contiguous()
-    value = torch.empty(_doubled(x), dtype=x.dtype)
+    value = torch.empty(_widened(x, 2), dtype=x.dtype)
     slope = torch.empty_like(value) if with_slope else None
-    rows = x.shape[0]
-    cols = x.numel() // rows if rows else 0
-    getattr(_library(), f"cpila_forward_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), value.data_ptr(), slope.data_ptr() if slope is not None else None,
-        rows, cols, k, shift, 1.0 / scale)
+    _run("cpila_forward", x.shape[0], [x, value, slope], [_columns(x)], [k, shift, 1.0 / scale])
     return value, slope
 
 
@@ -400,22 +450,10 @@ def cpila_backward(x: Tensor, grad_value: Optional[Tensor], grad_slope: Optional
     r"""The gradient with respect to ``x`` of :math:`\langle \bar v, \text{value}\rangle + \langle \bar s,
     \text{slope}\rangle` (module docstring), ``grad_value`` / ``grad_slope`` of the output's shape
     (either may be ``None``: zero). No autograd; call only where :func:`applicable` holds."""
-    x = x.detach().contiguous()
-    if grad_value is None:
-        grad_value = torch.zeros(_doubled(x), dtype=x.dtype)
-    grad_value = grad_value.detach().contiguous().to(x.dtype)
-    grad_slope = None if grad_slope is None else grad_slope.detach().contiguous().to(x.dtype)
+    x, grad_value, grad_slope = _prepared(x, _widened(x, 2), grad_value, grad_slope)
     grad_x = torch.empty_like(x)
-    rows = x.shape[0]
-    cols = x.numel() // rows if rows else 0
-    getattr(_library(), f"cpila_backward_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), grad_value.data_ptr(), grad_slope.data_ptr() if grad_slope is not None else None,
-        grad_x.data_ptr(), rows, cols, k, shift, 1.0 / scale)
+    _run("cpila_backward", x.shape[0], [x, grad_value, grad_slope, grad_x], [_columns(x)], [k, shift, 1.0 / scale])
     return grad_x
-
-
-def _widened(x: Tensor, halves: int) -> torch.Size:
-    return torch.Size((x.shape[0], halves * x.shape[1]) + tuple(x.shape[2:]))
 
 
 def lipswish_forward(x: Tensor, beta: float, halves: int, scale: float,
@@ -426,11 +464,7 @@ def lipswish_forward(x: Tensor, beta: float, halves: int, scale: float,
     x = x.detach().contiguous()
     value = torch.empty(_widened(x, halves), dtype=x.dtype)
     slope = torch.empty_like(value) if with_slope else None
-    rows = x.shape[0]
-    cols = x.numel() // rows if rows else 0
-    getattr(_library(), f"lipswish_forward_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), value.data_ptr(), slope.data_ptr() if slope is not None else None,
-        rows, cols, halves, beta, 1.0 / scale)
+    _run("lipswish_forward", x.shape[0], [x, value, slope], [_columns(x), halves], [beta, 1.0 / scale])
     return value, slope
 
 
@@ -439,15 +473,8 @@ def lipswish_backward(x: Tensor, grad_value: Optional[Tensor], grad_slope: Optio
     r"""The gradients with respect to ``x`` and to :math:`\beta` (a 0-dim tensor) of
     :math:`\langle \bar v, \text{value}\rangle + \langle \bar s, \text{slope}\rangle` for
     :func:`lipswish_forward`'s outputs; either incoming gradient may be ``None`` (zero)."""
-    x = x.detach().contiguous()
-    if grad_value is None:
-        grad_value = torch.zeros(_widened(x, halves), dtype=x.dtype)
-    grad_value = grad_value.detach().contiguous().to(x.dtype)
-    grad_slope = None if grad_slope is None else grad_slope.detach().contiguous().to(x.dtype)
-    grad_x, grad_beta = torch.empty_like(x), torch.empty_like(x)
-    rows = x.shape[0]
-    cols = x.numel() // rows if rows else 0
-    getattr(_library(), f"lipswish_backward_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), grad_value.data_ptr(), grad_slope.data_ptr() if grad_slope is not None else None,
-        grad_x.data_ptr(), grad_beta.data_ptr(), rows, cols, halves, beta, 1.0 / scale)
+    x, grad_value, grad_slope = _prepared(x, _widened(x, halves), grad_value, grad_slope)
+    grad_x, grad_beta = torch.empty_like(x), torch.empty_like(x)  # the beta gradient of each element, then summed
+    _run("lipswish_backward", x.shape[0], [x, grad_value, grad_slope, grad_x, grad_beta], [_columns(x), halves],
+         [beta, 1.0 / scale])
     return grad_x, grad_beta.sum()
