@@ -251,6 +251,7 @@ _SIGNATURES = {"cpila_forward": (3, 2, 3), "cpila_backward": (4, 2, 3),
 _lock = threading.Lock()
 _state: Dict[str, Any] = {"library": None, "status": None}
 _switch = {"enabled": True}
+_functions: Dict[Tuple[str, torch.dtype], Any] = {}  # (name, dtype) -> the loaded C function
 
 
 def _cache_folder() -> Path:
@@ -330,6 +331,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Dict[str, Any]]:
             function = getattr(library, f"{name}_{suffix}")
             function.restype = None
             function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers + [_CTYPE[dtype]] * scalars
+            _functions[(name, dtype)] = function
     return library, {"available": True, "reason": "", "library": str(path)}
 
 
@@ -398,17 +400,17 @@ def _run(name: str, rows: int, tensors: Sequence[Optional[Tensor]], integers: Se
     first dimension is ``rows`` (``None``: a null pointer), then ``rows``, ``integers`` and
     ``scalars``. Large inputs are split into blocks of rows, one per intra-op thread of torch
     (``torch.get_num_threads``): :mod:`ctypes` releases the GIL, so the blocks run in parallel."""
-    function = getattr(_library(), f"{name}_{_SUFFIX[tensors[0].dtype]}")
-    row_bytes = [None if t is None else (t.numel() // rows if rows else 0) * t.element_size() for t in tensors]
+    function = _functions[(name, tensors[0].dtype)]
+    workers = min(torch.get_num_threads(), rows)
+    if workers < 2 or tensors[0].numel() < PARALLEL_ELEMENTS:
+        function(*[None if t is None else t.data_ptr() for t in tensors], rows, *integers, *scalars)
+        return
+    row_bytes = [None if t is None else (t.numel() // rows) * t.element_size() for t in tensors]
 
     def call(start: int, stop: int) -> None:
         pointers = [None if t is None else t.data_ptr() + start * size for t, size in zip(tensors, row_bytes)]
         function(*pointers, stop - start, *integers, *scalars)
 
-    workers = min(torch.get_num_threads(), rows)
-    if workers < 2 or tensors[0].numel() < PARALLEL_ELEMENTS:
-        call(0, rows)
-        return
     bounds = [rows * i // workers for i in range(workers + 1)]
     list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
 
