@@ -37,12 +37,13 @@ from typing import Any, Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compiled_loss_speed import _start_training  # noqa: E402
 from monoflow import kernels  # noqa: E402
 from monoflow.activations import CPila  # noqa: E402
 from monoflow.experiments.config import toy_config  # noqa: E402
 from monoflow.experiments.toy2d import ToyExperiment  # noqa: E402
-from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step  # noqa: E402
-from monoflow.lipschitz import set_learnable_concat  # noqa: E402
+from monoflow.experiments.train import training_step  # noqa: E402
 from monoflow.provenance import benchmark_report, run_benchmark  # noqa: E402
 
 WAYS = {"plain": False, "fused": True}
@@ -82,15 +83,8 @@ def activation_call(shape: tuple, rounds: int) -> Dict[str, Any]:
 
 
 def toy_training(model_name: str, rounds: int, steps: int) -> Dict[str, Any]:
-    config = toy_config("paper", model=model_name, dataset="8gaussians")
-    experiment = ToyExperiment(config)
-    torch.manual_seed(config.seed)
-    model = experiment.build_model()
-    set_learnable_concat(model, True)
-    model.train()
-    optimizer = make_optimizer(model, config)
-    timers = {phase: 0.0 for phase in TIMED_PHASES}
-    generator = torch.Generator().manual_seed(config.seed)
+    experiment = ToyExperiment(toy_config("paper", model=model_name, dataset="8gaussians"))
+    model, optimizer, generator, timers = _start_training(experiment, learnable_concat=True)
     for step in range(20):  # away from the initialisation
         training_step(experiment, model, optimizer, generator, "cpu", step, timers)
     # the losses of the same batch and weights, both ways

@@ -22,22 +22,24 @@ def _inputs(shape, dtype, seed=0):
     return x
 
 
+def _assert_fused_equals_plain(activation, x):
+    """value_and_derivative and the value alone, fused and plain, without autograd."""
+    assert kernels.applicable(x)
+    with torch.no_grad():
+        with kernels.enabled(False):
+            plain = (*activation.value_and_derivative(x), activation(x))
+        fused = (*activation.value_and_derivative(x), activation(x))
+    halves = 2 if activation.concatenates else 1
+    for mine, theirs in zip(fused, plain):
+        assert mine.shape == theirs.shape == (x.shape[0], halves * x.shape[1]) + x.shape[2:]
+        torch.testing.assert_close(mine, theirs, equal_nan=True, **TOLERANCES[x.dtype])
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(500, 8), (3, 4, 5, 6), (2, 3)])
 def test_fused_values_match_plain_operators(dtype, shape):
-    activation = CPila()
-    x = _inputs(shape, dtype)
-    assert kernels.applicable(x)
-    with torch.no_grad():
-        with kernels.enabled(False):
-            value, slope = activation.value_and_derivative(x)
-            only_value = activation(x)
-        fused_value, fused_slope = activation.value_and_derivative(x)
-        fused_only_value = activation(x)
-    for mine, plain in ((fused_value, value), (fused_slope, slope), (fused_only_value, only_value)):
-        assert mine.shape == plain.shape == (shape[0], 2 * shape[1]) + shape[2:]
-        torch.testing.assert_close(mine, plain, equal_nan=True, **TOLERANCES[dtype])
+    _assert_fused_equals_plain(CPila(), _inputs(shape, dtype))
 
 
 @needs_kernels
@@ -155,16 +157,7 @@ def test_fused_lipswish_values_match_plain_operators(make, dtype, shape):
         activation.b.fill_(-0.7)  # beta = softplus(b) away from its initial value
     x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(4)) * 3.0
     x.view(-1)[:3] = torch.tensor([float("nan"), 80.0, -80.0], dtype=dtype)  # NaN, sigmoid's far tails
-    assert kernels.applicable(x)
-    with torch.no_grad():
-        with kernels.enabled(False):
-            value, slope = activation.value_and_derivative(x)
-            only_value = activation(x)
-        fused_value, fused_slope = activation.value_and_derivative(x)
-        fused_only_value = activation(x)
-    for mine, plain in ((fused_value, value), (fused_slope, slope), (fused_only_value, only_value)):
-        assert mine.shape == plain.shape == (shape[0], activation.halves * shape[1]) + shape[2:]
-        torch.testing.assert_close(mine, plain, equal_nan=True, **TOLERANCES[dtype])
+    _assert_fused_equals_plain(activation, x)
 
 
 @needs_kernels
