@@ -1,9 +1,9 @@
 r"""Lipschitz activations for the network :math:`g` of monotone and residual blocks.
 
-Everything here is plain PyTorch and works in float32 and float64 on any device; on a CPU,
-CPila and (C)LipSwish compute with the fused kernels of :mod:`monoflow.kernels` where they are built (the same
-values up to rounding, one pass instead of about twenty operators). All activations expose the
-same small interface so that :mod:`monoflow.lipschitz` can propagate
+Everything here works in float32 and float64 on any device with plain PyTorch operators; on a
+CPU, CPila and (C)LipSwish compute with the fused kernels of :mod:`monoflow.kernels` where they
+are built (the same values up to rounding, one pass instead of a dozen to twenty operators). All
+activations expose the same small interface so that :mod:`monoflow.lipschitz` can propagate
 Jacobians and certify Lipschitz constants without knowing which activation it holds:
 
 - ``forward(x)``: the activation; a *concatenating* activation maps ``(B, C, ...)`` to
