@@ -43,3 +43,19 @@ def test_run_benchmark_saves_the_report_after_every_row(tmp_path, capsys):
     assert written["runs"] == report["runs"] == [{"name": "a", "value": 1}, {"name": "bb", "value": 2}]
     assert written["threads"] == 1 and "git_commit" in written["provenance"]
     assert capsys.readouterr().out.splitlines() == ["a=1", "bb=2", f"wrote {path}"]
+
+
+def test_provenance_and_sessions_name_the_cpu_kernels(monkeypatch):
+    """CPU timings differ between the fused kernels and the plain operators, so every record and
+    every session of a run says which computed; a switched-off process says why."""
+    from monoflow import kernels
+    from monoflow.provenance import provenance
+    from monoflow.training.loop import session_entry
+
+    record = provenance("cpu")
+    assert record["cpu_kernels"] == ("fused" if kernels.available() else f"plain operators ({kernels.status()['reason']})")
+    assert session_entry(record, 7, {})["cpu_kernels"] == record["cpu_kernels"]
+    older = {key: value for key, value in record.items() if key != "cpu_kernels"}  # a record from before
+    assert "cpu_kernels" not in session_entry(older, 7, {})
+    monkeypatch.setitem(kernels._state, "status", {"available": False, "reason": "switched off by X", "library": None})
+    assert provenance("cpu")["cpu_kernels"] == "plain operators (switched off by X)"

@@ -121,9 +121,10 @@ def non_finite_parameters(model: torch.nn.Module) -> List[str]:
 
 
 def session_entry(provenance: Dict[str, Any], step: int, notes: Dict[str, Any]) -> Dict[str, Any]:
-    """One entry of a run's ``sessions``: where it (re)started, on which commit, device and time."""
-    return {"iteration": step, **{key: provenance[key] for key in ("git_commit", "device", "created", "command")},
-            **notes}
+    """One entry of a run's ``sessions``: where it (re)started, on which commit, device, CPU kernels
+    (fused or plain: they change CPU timings) and time."""
+    return {"iteration": step, **{key: provenance[key] for key in ("git_commit", "device", "cpu_kernels", "created",
+                                                                   "command") if key in provenance}, **notes}
 
 
 def train_run(run: TrainingRun, progress: bool = True, stop_after: Optional[int] = None,
