@@ -295,35 +295,20 @@ def _sum_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedCPila(torch.autograd.Function):
-    """CPila by the fused kernel; backward by the fused kernel, or by plain differentiable
-    operators when the backward itself is recorded (double backward)."""
+    """CPila by the fused kernel: the value, or ``(value, slope)``; backward (the slope's gradient
+    through :math:`P''`) by the kernel, or by plain differentiable operators when the backward
+    itself is recorded (double backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, k: float, shift: float, scale: float):  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, k: float, shift: float, scale: float,  # type: ignore[override]
+                with_slope: bool):
         ctx.save_for_backward(x)
         ctx.constants = (k, shift, scale)
-        return kernels.cpila_forward(x, k, shift, scale, with_slope=False)[0]
+        value, slope = kernels.cpila_forward(x, k, shift, scale, with_slope)
+        return (value, slope) if with_slope else value
 
     @staticmethod
-    def backward(ctx, grad_value: torch.Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        if torch.is_grad_enabled() or not kernels.applicable(grad_value):
-            return _sum_halves(grad_value * _cpila_slope(x, *ctx.constants)), None, None, None
-        return kernels.cpila_backward(x, grad_value, None, *ctx.constants), None, None, None
-
-
-class _FusedCPilaValueAndSlope(torch.autograd.Function):
-    """``(CPila(x), CPila'(x))`` by the fused kernel; backward as :class:`_FusedCPila`'s, with the
-    slope's gradient through :math:`P''`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, k: float, shift: float, scale: float):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.constants = (k, shift, scale)
-        return kernels.cpila_forward(x, k, shift, scale, with_slope=True)
-
-    @staticmethod
-    def backward(ctx, grad_value: torch.Tensor, grad_slope: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_value: torch.Tensor, grad_slope: Optional[torch.Tensor] = None):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         given = grad_value if grad_value is not None else grad_slope
         if torch.is_grad_enabled() or not kernels.applicable(given):
@@ -332,8 +317,8 @@ class _FusedCPilaValueAndSlope(torch.autograd.Function):
                 grad = grad_value * _cpila_slope(x, *ctx.constants)
             if grad_slope is not None:
                 grad = grad + grad_slope * _cpila_curvature(x, *ctx.constants)
-            return _sum_halves(grad), None, None, None
-        return kernels.cpila_backward(x, grad_value, grad_slope, *ctx.constants), None, None, None
+            return _sum_halves(grad), None, None, None, None
+        return kernels.cpila_backward(x, grad_value, grad_slope, *ctx.constants), None, None, None, None
 
 
 class CPila(nn.Module):
@@ -362,7 +347,7 @@ class CPila(nn.Module):
         _check_concat_input(x, "CPila")
         if kernels.applicable(x):
             if torch.is_grad_enabled() and x.requires_grad:
-                return _FusedCPila.apply(x, self.k, self.shift, self.scale)
+                return _FusedCPila.apply(x, self.k, self.shift, self.scale, False)
             return kernels.cpila_forward(x, self.k, self.shift, self.scale, with_slope=False)[0]
         # one Pila call on both halves: half the kernel launches of two calls
         return _apply_pila(torch.cat([x, -x], dim=1) - self.shift, self.k) / self.scale
@@ -377,7 +362,7 @@ class CPila(nn.Module):
         _check_concat_input(x, "CPila")
         if kernels.applicable(x):
             if torch.is_grad_enabled() and x.requires_grad:
-                return _FusedCPilaValueAndSlope.apply(x, self.k, self.shift, self.scale)
+                return _FusedCPila.apply(x, self.k, self.shift, self.scale, True)
             return kernels.cpila_forward(x, self.k, self.shift, self.scale, with_slope=True)
         value, slope = pila_value_and_derivative(torch.cat([x, -x], dim=1) - self.shift, self.k)
         return value / self.scale, slope * self._slope_signs(x)

@@ -69,8 +69,8 @@ def machine_of(description: str) -> str:
 
 
 def cpu_kernels() -> str:
-    """How CPila computes on the CPU in this process: ``"fused"`` (:mod:`monoflow.kernels`) or
-    ``"plain operators (<why>)"``; CPU timings differ between the two."""
+    """How CPila and (C)LipSwish compute on the CPU in this process: ``"fused"``
+    (:mod:`monoflow.kernels`) or ``"plain operators (<why>)"``; CPU timings differ between the two."""
     from monoflow import kernels
 
     state = kernels.status()
