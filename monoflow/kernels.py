@@ -21,6 +21,13 @@ loop. For (C)LipSwish, :math:`f(u) = u\,\sigma(\beta u)/1.1` and the halves :mat
 the same with :math:`\sigma` from :math:`e^{-|\beta u|}`, and the backward also gives the gradient
 of the scalar :math:`\beta`. NaN inputs give NaN outputs, as the plain operators do.
 
+The same library holds the whole flat Lipschitz DenseNet of the 2-D models
+(:mod:`monoflow.lipschitz.dense_fused`): :func:`dense_forward` (value and Jacobian),
+:func:`dense_backward` (their gradients in the input, the packed weights and biases and each
+CLipSwish :math:`\beta`) and :func:`dense_newton` (Newton steps of a resolvent solve), one block of
+64 samples at a time with the features stored feature by feature, so that every loop runs over
+the samples.
+
 The C source below has no dependency (no torch headers): the first use compiles it with the
 machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native``, and
 ``-O3`` alone where the compiler refuses that) into
@@ -30,7 +37,8 @@ processes load the library (milliseconds). Where there is no compiler, the build
 ``MONOFLOW_FUSED_KERNELS=0`` is set, :func:`status` says why and the activations run their plain
 PyTorch operators, which give the same values up to rounding. The plain operators also run for
 tensors not on the CPU, not float32/float64, inside ``torch.compile`` (Inductor fuses them
-itself), under ``torch.func`` transforms and, for (C)LipSwish, with one :math:`\beta` per row.
+itself), under ``torch.func`` transforms and Python dispatch modes (FLOP counting) and, for
+(C)LipSwish, with one :math:`\beta` per row.
 """
 from __future__ import annotations
 
@@ -51,7 +59,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["status", "available", "applicable", "enabled", "cpila_forward", "cpila_backward", "lipswish_forward",
-           "lipswish_backward", "SOURCE"]
+           "lipswish_backward", "dense_forward", "dense_backward", "dense_newton", "SOURCE"]
 
 #: the environment variable that switches the fused kernels off (``0``, ``off``, ``false``, ``no``)
 DISABLE_VARIABLE = "MONOFLOW_FUSED_KERNELS"
@@ -238,15 +246,342 @@ PILA_KERNELS(float, f32, exp_f32)
 PILA_KERNELS(double, f64, exp_f64)
 LIPSWISH_KERNELS(float, f32, exp_f32)
 LIPSWISH_KERNELS(double, f64, exp_f64)
+
+/* The flat Lipschitz DenseNet g of the toy models, value and Jacobian and their backward, one row
+   block of DENSE_ROWS samples at a time, features stored column by column ([feature][row]) so that
+   every inner loop runs over the block's rows. Layer l reads the features u_l of width w_l,
+   h = W_l u_l + b_l (hidden h_l), appends [a1(h), a2(h)] (the activation's two halves); the last
+   layer maps the w_L features to d_out outputs. Tangents t_c = du/dx_c propagate alongside:
+   dh = W_l t_c, da = [s1 dh, s2 dh] with the halves' slopes s1, s2. params packs W_0, b_0, ...,
+   W_L, b_L (row-major); act holds three numbers per layer: CPila (kind 0): k, shift, 1/scale;
+   CLipSwish (kind 1): beta, 1/scale. */
+#include <stdlib.h>
+#define DENSE_ROWS 64
+
+#define DENSE_KERNELS(T, SUFFIX, EXP)                                                             \
+/* sum over the block's rows of a[r] b[r], in 16 lanes (vectorised without reassociation) */      \
+static inline T dot_rows_##SUFFIX(const T* a, const T* b) {                                       \
+    T lanes[16] = {0};                                                                            \
+    for (int64_t r = 0; r < DENSE_ROWS; r += 16)                                                  \
+        for (int64_t q = 0; q < 16; ++q) lanes[q] += a[r + q] * b[r + q];                         \
+    T s = 0;                                                                                      \
+    for (int64_t q = 0; q < 16; ++q) s += lanes[q];                                               \
+    return s;                                                                                     \
+}                                                                                                 \
+/* values v1, v2 and slopes s1, s2 of the two halves at the pre-activations h; one simple loop    \
+   per quantity, so that each vectorises */                                                       \
+static void dense_activate_##SUFFIX(int64_t kind, const T* a, const T* h, T* v1, T* v2, T* s1,    \
+                                    T* s2) {                                                      \
+    const int64_t R = DENSE_ROWS;                                                                 \
+    if (kind == 0) {                                                                              \
+        const T k = a[0], shift = a[1], c = a[2];                                                 \
+        for (int64_t r = 0; r < R; ++r) v1[r] = value_##SUFFIX(h[r] - shift, k) * c;              \
+        for (int64_t r = 0; r < R; ++r) v2[r] = value_##SUFFIX(-h[r] - shift, k) * c;             \
+        for (int64_t r = 0; r < R; ++r) s1[r] = slope_##SUFFIX(h[r] - shift, k) * c;              \
+        for (int64_t r = 0; r < R; ++r) s2[r] = -slope_##SUFFIX(-h[r] - shift, k) * c;            \
+    } else {                                                                                      \
+        const T beta = a[0], c = a[1];                                                            \
+        for (int64_t r = 0; r < R; ++r) v1[r] = lipswish_value_##SUFFIX(h[r], beta) * c;          \
+        for (int64_t r = 0; r < R; ++r) v2[r] = lipswish_value_##SUFFIX(-h[r], beta) * c;         \
+        for (int64_t r = 0; r < R; ++r) s1[r] = lipswish_slope_##SUFFIX(h[r], beta) * c;          \
+        for (int64_t r = 0; r < R; ++r) s2[r] = -lipswish_slope_##SUFFIX(-h[r], beta) * c;        \
+    }                                                                                             \
+}                                                                                                 \
+/* gh = d/dh of gv1 v1 + gv2 v2 + gs1 s1 + gs2 s2 (gs1 = NULL: no slope terms), and s1, s2; for   \
+   CLipSwish the beta gradient of the same, summed over the rows, is added to *gbeta */           \
+static void dense_activation_backward_##SUFFIX(int64_t kind, const T* a, const T* h, const T* gv1,\
+        const T* gv2, const T* gs1, const T* gs2, T* gh, T* s1, T* s2, T* gbeta, T* work) {       \
+    const int64_t R = DENSE_ROWS;                                                                 \
+    if (kind == 0) {                                                                              \
+        const T k = a[0], shift = a[1], c = a[2];                                                 \
+        for (int64_t r = 0; r < R; ++r) s1[r] = slope_##SUFFIX(h[r] - shift, k) * c;              \
+        for (int64_t r = 0; r < R; ++r) s2[r] = -slope_##SUFFIX(-h[r] - shift, k) * c;            \
+        for (int64_t r = 0; r < R; ++r) gh[r] = gv1[r] * s1[r] + gv2[r] * s2[r];                  \
+        if (gs1) {                                                                                \
+            for (int64_t r = 0; r < R; ++r) gh[r] += gs1[r] * curvature_##SUFFIX(h[r] - shift, k) * c;  \
+            for (int64_t r = 0; r < R; ++r) gh[r] += gs2[r] * curvature_##SUFFIX(-h[r] - shift, k) * c; \
+        }                                                                                         \
+        return;                                                                                   \
+    }                                                                                             \
+    const T beta = a[0], c = a[1] / (T)1.1;                                                       \
+    for (int64_t r = 0; r < R; ++r) { gh[r] = 0; work[r] = 0; }                                   \
+    for (int half = 0; half < 2; ++half) {                                                        \
+        const T sign = half ? (T)-1 : (T)1;                                                       \
+        const T* gv = half ? gv2 : gv1;                                                           \
+        T* s = half ? s2 : s1;                                                                    \
+        for (int64_t r = 0; r < R; ++r) {                                                         \
+            T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg);     \
+            s[r] = sign * (sg + z * ds) * c;                                                      \
+            gh[r] += gv[r] * s[r];                                                                \
+            work[r] += gv[r] * u * u * ds * c;                                                    \
+        }                                                                                         \
+        if (gs1) {                                                                                \
+            const T* gs = half ? gs2 : gs1;                                                       \
+            for (int64_t r = 0; r < R; ++r) {                                                     \
+                T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg); \
+                T bend = (T)2 + z * ((T)1 - (T)2 * sg);                                           \
+                gh[r] += gs[r] * beta * ds * bend * c;                                            \
+                work[r] += sign * gs[r] * u * ds * bend * c;                                      \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    T ones[DENSE_ROWS];                                                                           \
+    for (int64_t r = 0; r < R; ++r) ones[r] = 1;                                                  \
+    *gbeta += dot_rows_##SUFFIX(work, ones);                                                      \
+}                                                                                                 \
+                                                                                                  \
+/* Forward of one block: features (w_L x R), tangents (d x w_L x R), pre-activations (H x R) and  \
+   their tangents (d x H x R), H the sum of the hidden widths. */                                 \
+static void dense_block_##SUFFIX(const T* x, int64_t nb, int64_t d, int64_t layers,               \
+        const int64_t* hidden, const T* params, const T* act, int64_t kind, int64_t tangents,     \
+        int64_t wt, int64_t ht, T* feat, T* tan, T* pre, T* pretan, T* scratch) {                 \
+    const int64_t R = DENSE_ROWS;                                                                 \
+    for (int64_t k = 0; k < d; ++k)                                                               \
+        for (int64_t r = 0; r < R; ++r) feat[k * R + r] = r < nb ? x[r * d + k] : (T)0;           \
+    if (tangents)                                                                                 \
+        for (int64_t c = 0; c < d; ++c)                                                           \
+            for (int64_t k = 0; k < d; ++k)                                                       \
+                for (int64_t r = 0; r < R; ++r) tan[(c * wt + k) * R + r] = c == k ? (T)1 : (T)0; \
+    int64_t w = d, hoff = 0;                                                                      \
+    const T* p = params;                                                                          \
+    T* s1 = scratch; T* s2 = scratch + R;                                                         \
+    for (int64_t l = 0; l < layers; ++l) {                                                        \
+        const int64_t hl = hidden[l];                                                             \
+        const T* W = p; const T* b = p + hl * w;                                                  \
+        for (int64_t j = 0; j < hl; ++j) {                                                        \
+            T* hj = pre + (hoff + j) * R;                                                         \
+            T acc[DENSE_ROWS]; /* a local sum stays in registers: no store-to-load chain over k */\
+            for (int64_t r = 0; r < R; ++r) acc[r] = b[j];                                        \
+            for (int64_t k = 0; k < w; ++k) {                                                     \
+                const T c = W[j * w + k]; const T* fk = feat + k * R;                             \
+                for (int64_t r = 0; r < R; ++r) acc[r] += c * fk[r];                              \
+            }                                                                                     \
+            for (int64_t r = 0; r < R; ++r) hj[r] = acc[r];                                       \
+            dense_activate_##SUFFIX(kind, act + 3 * l, hj, feat + (w + j) * R,                    \
+                                    feat + (w + hl + j) * R, s1, s2);                             \
+            for (int64_t c = 0; tangents && c < d; ++c) {                                         \
+                T* tj = pretan + (c * ht + hoff + j) * R;                                         \
+                for (int64_t r = 0; r < R; ++r) acc[r] = 0;                                       \
+                for (int64_t k = 0; k < w; ++k) {                                                 \
+                    const T cw = W[j * w + k]; const T* tk = tan + (c * wt + k) * R;              \
+                    for (int64_t r = 0; r < R; ++r) acc[r] += cw * tk[r];                         \
+                }                                                                                 \
+                for (int64_t r = 0; r < R; ++r) tj[r] = acc[r];                                   \
+                T* ta = tan + (c * wt + w + j) * R; T* tb = tan + (c * wt + w + hl + j) * R;      \
+                for (int64_t r = 0; r < R; ++r) { ta[r] = s1[r] * tj[r]; tb[r] = s2[r] * tj[r]; } \
+            }                                                                                     \
+        }                                                                                         \
+        p += hl * w + hl; w += 2 * hl; hoff += hl;                                                \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+static int64_t dense_sizes_##SUFFIX(int64_t d, int64_t layers, const int64_t* hidden, int64_t* ht) { \
+    int64_t w = d; *ht = 0;                                                                       \
+    for (int64_t l = 0; l < layers; ++l) { w += 2 * hidden[l]; *ht += hidden[l]; }                \
+    return w;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* the last layer on one block: out (nb x d_out) and jac (nb x d_out x d, or NULL), row-major */  \
+static void dense_output_##SUFFIX(const T* feat, const T* tan, const T* last, int64_t nb, int64_t d,   \
+        int64_t d_out, int64_t wt, T* out, T* jac) {                                              \
+    const int64_t R = DENSE_ROWS;                                                                 \
+    T acc[DENSE_ROWS];                                                                            \
+    for (int64_t i = 0; i < d_out; ++i) {                                                         \
+        for (int64_t r = 0; r < R; ++r) acc[r] = last[d_out * wt + i];                            \
+        for (int64_t k = 0; k < wt; ++k) {                                                        \
+            const T c = last[i * wt + k]; const T* fk = feat + k * R;                             \
+            for (int64_t r = 0; r < R; ++r) acc[r] += c * fk[r];                                  \
+        }                                                                                         \
+        for (int64_t r = 0; r < nb; ++r) out[r * d_out + i] = acc[r];                             \
+        for (int64_t c = 0; jac && c < d; ++c) {                                                  \
+            for (int64_t r = 0; r < R; ++r) acc[r] = 0;                                           \
+            for (int64_t k = 0; k < wt; ++k) {                                                    \
+                const T cw = last[i * wt + k]; const T* tk = tan + (c * wt + k) * R;              \
+                for (int64_t r = 0; r < R; ++r) acc[r] += cw * tk[r];                             \
+            }                                                                                     \
+            for (int64_t r = 0; r < nb; ++r) jac[(r * d_out + i) * d + c] = acc[r];               \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+static T* dense_buffer_##SUFFIX(int64_t d, int64_t wt, int64_t ht, int64_t extra) {                    \
+    return malloc(sizeof(T) * (DENSE_ROWS * (wt * (1 + d) + ht * (1 + d) + 3) + extra));          \
+}                                                                                                 \
+                                                                                                  \
+static const T* dense_last_##SUFFIX(const T* params, int64_t d, int64_t layers, const int64_t* hidden) {\
+    const T* last = params;                                                                       \
+    for (int64_t l = 0, w = d; l < layers; w += 2 * hidden[l], ++l) last += hidden[l] * (w + 1);  \
+    return last;                                                                                  \
+}                                                                                                 \
+                                                                                                  \
+/* out (rows x d_out) = g(x); jac (rows x d_out x d, may be NULL) = dg/dx. Returns 0, or 1 when   \
+   memory ran out. */                                                                             \
+int dense_forward_##SUFFIX(const T* restrict x, T* restrict out, T* restrict jac,                      \
+        const int64_t* hidden, const T* params, const T* act, int64_t rows, int64_t d,            \
+        int64_t d_out, int64_t layers, int64_t kind) {                                            \
+    const int64_t R = DENSE_ROWS;                                                                 \
+    int64_t ht, wt = dense_sizes_##SUFFIX(d, layers, hidden, &ht);                                     \
+    T* buffer = dense_buffer_##SUFFIX(d, wt, ht, 0);                                                   \
+    if (!buffer) return 1;                                                                        \
+    T* feat = buffer; T* tan = feat + wt * R; T* pre = tan + d * wt * R;                          \
+    T* pretan = pre + ht * R; T* scratch = pretan + d * ht * R;                                   \
+    const T* last = dense_last_##SUFFIX(params, d, layers, hidden);                                    \
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {                                                    \
+        const int64_t nb = rows - r0 < R ? rows - r0 : R;                                         \
+        dense_block_##SUFFIX(x + r0 * d, nb, d, layers, hidden, params, act, kind, jac != NULL, wt,    \
+                        ht, feat, tan, pre, pretan, scratch);                                     \
+        dense_output_##SUFFIX(feat, tan, last, nb, d, d_out, wt, out + r0 * d_out,                     \
+                         jac ? jac + r0 * d_out * d : NULL);                                      \
+    }                                                                                             \
+    free(buffer);                                                                                 \
+    return 0;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* z = the result of `steps` Newton steps for z + s g(z) = b from z = b (d = d_out = 1 or 2):     \
+   z <- z - (I + s J(z))^-1 (z + s g(z) - b). Returns 0, 1 when memory ran out, 2 for d > 2. */   \
+int dense_newton_##SUFFIX(const T* restrict b, T* restrict z, const int64_t* hidden, const T* params,  \
+        const T* act, int64_t rows, int64_t d, int64_t steps, int64_t layers, int64_t kind,       \
+        int64_t negative) {                                                                       \
+    const int64_t R = DENSE_ROWS;                                                                 \
+    const T s = negative ? (T)-1 : (T)1;                                                          \
+    if (d > 2) return 2;                                                                          \
+    int64_t ht, wt = dense_sizes_##SUFFIX(d, layers, hidden, &ht);                                     \
+    T* buffer = dense_buffer_##SUFFIX(d, wt, ht, R * (d + d * d));                                     \
+    if (!buffer) return 1;                                                                        \
+    T* feat = buffer; T* tan = feat + wt * R; T* pre = tan + d * wt * R;                          \
+    T* pretan = pre + ht * R; T* scratch = pretan + d * ht * R;                                   \
+    T* value = scratch + 3 * R; T* jac = value + R * d;                                           \
+    const T* last = dense_last_##SUFFIX(params, d, layers, hidden);                                    \
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {                                                    \
+        const int64_t nb = rows - r0 < R ? rows - r0 : R;                                         \
+        const T* bb = b + r0 * d; T* zb = z + r0 * d;                                             \
+        for (int64_t i = 0; i < nb * d; ++i) zb[i] = bb[i];                                       \
+        for (int64_t step = 0; step < steps; ++step) {                                            \
+            dense_block_##SUFFIX(zb, nb, d, layers, hidden, params, act, kind, 1, wt, ht, feat, tan,   \
+                            pre, pretan, scratch);                                                \
+            dense_output_##SUFFIX(feat, tan, last, nb, d, d, wt, value, jac);                          \
+            for (int64_t r = 0; r < nb; ++r) {                                                    \
+                if (d == 1) {                                                                     \
+                    zb[r] -= (zb[r] + s * value[r] - bb[r]) / ((T)1 + s * jac[r]);                \
+                } else {                                                                          \
+                    const T* J = jac + 4 * r;                                                     \
+                    T a = (T)1 + s * J[0], e = s * J[1], c = s * J[2], f = (T)1 + s * J[3];       \
+                    T r1 = zb[2 * r] + s * value[2 * r] - bb[2 * r];                              \
+                    T r2 = zb[2 * r + 1] + s * value[2 * r + 1] - bb[2 * r + 1];                  \
+                    T det = a * f - e * c;                                                        \
+                    zb[2 * r] -= (f * r1 - e * r2) / det;                                         \
+                    zb[2 * r + 1] -= (a * r2 - c * r1) / det;                                     \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    free(buffer);                                                                                 \
+    return 0;                                                                                     \
+}                                                                                                 \
+/* The backward of dense_forward: with gy = grad_out and gj = grad_jac (NULL: the value only),    \
+   grad_x = d/dx and grad_params, grad_act (the beta of each CLipSwish layer) += d/dparams,        \
+   d/dbeta of <gy, g(x)> + <gj, dg/dx>. Returns 0, or 1 when memory ran out. */                   \
+int dense_backward_##SUFFIX(const T* restrict x, const T* restrict grad_out,                      \
+        const T* restrict grad_jac, T* restrict grad_x, T* restrict grad_params,                  \
+        T* restrict grad_act, const int64_t* hidden, const T* params, const T* act, int64_t rows, \
+        int64_t d, int64_t d_out, int64_t layers, int64_t kind) {                                 \
+    const int64_t R = DENSE_ROWS, tangents = grad_jac != NULL;                                    \
+    int64_t ht, wt = dense_sizes_##SUFFIX(d, layers, hidden, &ht);                                \
+    T* buffer = malloc(sizeof(T) * R * (2 * wt * (1 + d) + ht * (1 + d) + 8));                \
+    if (!buffer) return 1;                                                                        \
+    T* feat = buffer; T* tan = feat + wt * R; T* pre = tan + d * wt * R;                          \
+    T* pretan = pre + ht * R; T* gfeat = pretan + d * ht * R; T* gtan = gfeat + wt * R;           \
+    T* scratch = gtan + d * wt * R;                                                               \
+    T* gy = scratch; T* gh = scratch + R; T* s1 = scratch + 2 * R; T* s2 = scratch + 3 * R;       \
+    T* gs1 = scratch + 4 * R; T* gs2 = scratch + 5 * R; T* th = scratch + 6 * R;                  \
+    T* work = scratch + 7 * R;                                                                    \
+    int64_t offsets[layers + 1], widths[layers + 1], hoffs[layers + 1];                           \
+    offsets[0] = 0; widths[0] = d; hoffs[0] = 0;                                                  \
+    for (int64_t l = 0; l < layers; ++l) {                                                        \
+        offsets[l + 1] = offsets[l] + hidden[l] * (widths[l] + 1);                                \
+        widths[l + 1] = widths[l] + 2 * hidden[l]; hoffs[l + 1] = hoffs[l] + hidden[l];           \
+    }                                                                                             \
+    const T* last = params + offsets[layers]; T* glast = grad_params + offsets[layers];           \
+    T ones[DENSE_ROWS];                                                                           \
+    for (int64_t r = 0; r < R; ++r) ones[r] = 1;                                                  \
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {                                                    \
+        const int64_t nb = rows - r0 < R ? rows - r0 : R;                                         \
+        dense_block_##SUFFIX(x + r0 * d, nb, d, layers, hidden, params, act, kind, tangents, wt,  \
+                             ht, feat, tan, pre, pretan, scratch);                                \
+        for (int64_t i = 0; i < wt * R * (1 + d); ++i) gfeat[i] = 0;                              \
+        for (int64_t i = 0; i < d_out; ++i) {                                                     \
+            for (int64_t c = -1; c < (tangents ? d : 0); ++c) {                                   \
+                /* c = -1: the value's gradient; c >= 0: that of the Jacobian's column c */       \
+                for (int64_t r = 0; r < R; ++r)                                                   \
+                    gy[r] = r >= nb ? (T)0 : c < 0 ? (grad_out ? grad_out[(r0 + r) * d_out + i] : (T)0) \
+                                               : grad_jac[((r0 + r) * d_out + i) * d + c];        \
+                const T* src = c < 0 ? feat : tan + c * wt * R;                                   \
+                T* dst = c < 0 ? gfeat : gtan + c * wt * R;                                       \
+                if (c < 0) glast[d_out * wt + i] += dot_rows_##SUFFIX(gy, ones);                  \
+                for (int64_t k = 0; k < wt; ++k) {                                                \
+                    const T cw = last[i * wt + k]; const T* fk = src + k * R; T* gk = dst + k * R;\
+                    glast[i * wt + k] += dot_rows_##SUFFIX(gy, fk);                               \
+                    for (int64_t r = 0; r < R; ++r) gk[r] += cw * gy[r];                          \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        for (int64_t l = layers - 1; l >= 0; --l) {                                               \
+            const int64_t hl = hidden[l], w = widths[l], hoff = hoffs[l];                         \
+            const T* W = params + offsets[l]; T* gW = grad_params + offsets[l];                   \
+            T* gb = gW + hl * w;                                                                  \
+            for (int64_t j = 0; j < hl; ++j) {                                                    \
+                const T* hj = pre + (hoff + j) * R;                                               \
+                if (tangents) {                                                                   \
+                    for (int64_t r = 0; r < R; ++r) { gs1[r] = 0; gs2[r] = 0; }                   \
+                    for (int64_t c = 0; c < d; ++c) {                                             \
+                        const T* tj = pretan + (c * ht + hoff + j) * R;                           \
+                        const T* ga = gtan + (c * wt + w + j) * R;                                \
+                        const T* gb2 = gtan + (c * wt + w + hl + j) * R;                          \
+                        for (int64_t r = 0; r < R; ++r) { gs1[r] += ga[r] * tj[r]; gs2[r] += gb2[r] * tj[r]; } \
+                    }                                                                             \
+                }                                                                                 \
+                dense_activation_backward_##SUFFIX(kind, act + 3 * l, hj, gfeat + (w + j) * R,    \
+                    gfeat + (w + hl + j) * R, tangents ? gs1 : NULL, gs2, gh, s1, s2,             \
+                    grad_act + l, work);                                                          \
+                gb[j] += dot_rows_##SUFFIX(gh, ones);                                             \
+                for (int64_t k = 0; k < w; ++k) {                                                 \
+                    const T cw = W[j * w + k]; const T* fk = feat + k * R; T* gk = gfeat + k * R; \
+                    gW[j * w + k] += dot_rows_##SUFFIX(gh, fk);                                   \
+                    for (int64_t r = 0; r < R; ++r) gk[r] += cw * gh[r];                          \
+                }                                                                                 \
+                for (int64_t c = 0; tangents && c < d; ++c) {                                     \
+                    const T* ga = gtan + (c * wt + w + j) * R;                                    \
+                    const T* gb2 = gtan + (c * wt + w + hl + j) * R;                              \
+                    for (int64_t r = 0; r < R; ++r) th[r] = ga[r] * s1[r] + gb2[r] * s2[r];       \
+                    for (int64_t k = 0; k < w; ++k) {                                             \
+                        const T cw = W[j * w + k]; const T* tk = tan + (c * wt + k) * R;          \
+                        T* gk = gtan + (c * wt + k) * R;                                          \
+                        gW[j * w + k] += dot_rows_##SUFFIX(th, tk);                               \
+                        for (int64_t r = 0; r < R; ++r) gk[r] += cw * th[r];                      \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        for (int64_t r = 0; r < nb; ++r)                                                          \
+            for (int64_t k = 0; k < d; ++k) grad_x[(r0 + r) * d + k] = gfeat[k * R + r];         \
+    }                                                                                             \
+    free(buffer);                                                                                 \
+    return 0;                                                                                     \
+}
+
+DENSE_KERNELS(float, f32, exp_f32)
+DENSE_KERNELS(double, f64, exp_f64)
 """
 
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _PORTABLE_FLAGS = ("-O3", "-shared", "-fPIC")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _CTYPE = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
-#: each C function's arguments: (pointers, int64 sizes, scalars of the tensors' type)
-_SIGNATURES = {"cpila_forward": (3, 2, 3), "cpila_backward": (4, 2, 3),
-               "lipswish_forward": (3, 3, 2), "lipswish_backward": (5, 3, 2)}
+#: each C function's arguments: (pointers, int64 sizes, scalars of the tensors' type, result type)
+_SIGNATURES = {"cpila_forward": (3, 2, 3, None), "cpila_backward": (4, 2, 3, None),
+               "lipswish_forward": (3, 3, 2, None), "lipswish_backward": (5, 3, 2, None),
+               "dense_forward": (6, 5, 0, ctypes.c_int), "dense_backward": (9, 5, 0, ctypes.c_int),
+               "dense_newton": (5, 6, 0, ctypes.c_int)}
 
 _lock = threading.Lock()
 _state: Dict[str, Any] = {"library": None, "status": None}
@@ -327,9 +662,9 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Dict[str, Any]]:
     except OSError as error:
         return None, {"available": False, "reason": f"could not build or load {path}: {error}", "library": None}
     for dtype, suffix in _SUFFIX.items():
-        for name, (pointers, integers, scalars) in _SIGNATURES.items():
+        for name, (pointers, integers, scalars, result) in _SIGNATURES.items():
             function = getattr(library, f"{name}_{suffix}")
-            function.restype = None
+            function.restype = result
             function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers + [_CTYPE[dtype]] * scalars
             _functions[(name, dtype)] = function
     return library, {"available": True, "reason": "", "library": str(path)}
@@ -368,13 +703,16 @@ def enabled(on: bool) -> Iterator[None]:
 
 
 def _transforms_active() -> bool:
-    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+    """torch.func transforms, or a Python dispatch mode (FLOP counting, fake tensors) that must see
+    every operator: the kernels' ctypes calls would hide theirs."""
+    return (getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+            or getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)() > 0)
 
 
 def applicable(x: Tensor) -> bool:
     """Whether the fused kernels compute for ``x``: a plain CPU tensor of float32 or float64 with
-    at least 2 dimensions, outside ``torch.compile`` and ``torch.func`` transforms, with the
-    kernels switched on and available."""
+    at least 2 dimensions, outside ``torch.compile``, ``torch.func`` transforms and Python dispatch
+    modes (:mod:`monoflow.flop_count`), with the kernels switched on and available."""
     return (_switch["enabled"] and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
             and x.dtype in _SUFFIX and x.dim() >= 2 and not torch.compiler.is_compiling()
             and not _transforms_active() and _library() is not None)
@@ -480,3 +818,86 @@ def lipswish_backward(x: Tensor, grad_value: Optional[Tensor], grad_slope: Optio
     _run("lipswish_backward", x.shape[0], [x, grad_value, grad_slope, grad_x, grad_beta], [_columns(x), halves],
          [beta, 1.0 / scale])
     return grad_x, grad_beta.sum()
+
+
+#: the activations of :func:`dense_forward`: CPila (k, shift, 1/scale) and CLipSwish (beta, 1/scale)
+DENSE_ACTIVATIONS = {"cpila": 0, "clipswish": 1}
+#: a dense network of at least this many rows is split into row blocks over torch's intra-op threads
+DENSE_PARALLEL_ROWS = 1024
+
+
+def _dense_call(name: str, rows: int, row_tensors: Sequence[Optional[Tensor]], shared: Sequence[Tensor],
+                integers: Sequence[int], accumulators: Sequence[Tensor] = ()) -> None:
+    """Call the dense kernel ``name`` on ``row_tensors`` (first dimension ``rows``; ``None``: a null
+    pointer), then ``accumulators`` (summed into, one private copy per thread), then ``shared``.
+    Raises ``MemoryError`` when the kernel could not allocate its block buffers."""
+    function = _functions[(name, shared[-1].dtype)]
+    workers = min(torch.get_num_threads(), max(1, rows // (DENSE_PARALLEL_ROWS // 2)))
+    if workers < 2 or rows < DENSE_PARALLEL_ROWS:
+        failed = function(*[None if t is None else t.data_ptr() for t in (*row_tensors, *accumulators, *shared)],
+                          rows, *integers)
+        if failed:
+            raise MemoryError(f"monoflow.kernels.{name}: out of memory for its block buffers")
+        return
+    row_bytes = [None if t is None else (t.numel() // rows) * t.element_size() for t in row_tensors]
+    private = [torch.zeros((workers,) + tuple(t.shape), dtype=t.dtype) for t in accumulators]
+
+    def call(worker: int, start: int, stop: int) -> int:
+        pointers = [None if t is None else t.data_ptr() + start * size for t, size in zip(row_tensors, row_bytes)]
+        return function(*pointers, *[p[worker].data_ptr() for p in private], *[t.data_ptr() for t in shared],
+                        stop - start, *integers)
+
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    if any(_executor(workers).map(call, range(workers), bounds[:-1], bounds[1:])):
+        raise MemoryError(f"monoflow.kernels.{name}: out of memory for its block buffers")
+    for accumulator, copies in zip(accumulators, private):
+        accumulator += copies.sum(0)
+
+
+def dense_forward(x: Tensor, params: Tensor, hidden: Tensor, act: Tensor, d_out: int, kind: int,
+                  with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    r"""``(g(x), dg/dx or None)`` of a flat dense network (C source above) at ``x`` (B, d): ``params``
+    packs each layer's (folded) weight and bias, ``hidden`` (int64) the layers' hidden widths,
+    ``act`` (layers, 3) the activations' constants; the Jacobian is (B, d_out, d). No autograd;
+    call only where :func:`applicable` holds for ``x``."""
+    x = x.detach().contiguous()
+    rows, d = x.shape
+    out = torch.empty(rows, d_out, dtype=x.dtype)
+    jac = torch.empty(rows, d_out, d, dtype=x.dtype) if with_jacobian else None
+    _dense_call("dense_forward", rows, [x, out, jac], [hidden, params.detach().contiguous(), act],
+                [d, d_out, hidden.numel(), kind])
+    return out, jac
+
+
+def dense_backward(x: Tensor, grad_out: Optional[Tensor], grad_jac: Optional[Tensor], params: Tensor, hidden: Tensor,
+                   act: Tensor, d_out: int, kind: int) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The gradients with respect to ``x``, ``params`` and each layer's CLipSwish :math:`\beta` (zero for
+    CPila) of :math:`\langle \bar y, g(x)\rangle + \langle \bar J, \partial g/\partial x\rangle` for
+    :func:`dense_forward`'s outputs; ``grad_jac=None``: the value's gradient only, ``grad_out=None``:
+    zero. No autograd."""
+    x = x.detach().contiguous()
+    rows, d = x.shape
+    grad_out = None if grad_out is None else grad_out.detach().contiguous().to(x.dtype)
+    grad_jac = None if grad_jac is None else grad_jac.detach().contiguous().to(x.dtype)
+    grad_x = torch.empty_like(x)
+    grad_params = torch.zeros(params.shape, dtype=x.dtype)
+    grad_act = torch.zeros(hidden.numel(), dtype=x.dtype)
+    _dense_call("dense_backward", rows, [x, grad_out, grad_jac, grad_x], [hidden, params.detach().contiguous(), act],
+                [d, d_out, hidden.numel(), kind], accumulators=[grad_params, grad_act])
+    return grad_x, grad_params, grad_act
+
+
+def dense_newton(b: Tensor, params: Tensor, hidden: Tensor, act: Tensor, kind: int, steps: int,
+                 sign: float) -> Tensor:
+    r"""``steps`` Newton steps for :math:`z + s\,g(z) = b` from :math:`z = b` for the dense network of
+    :func:`dense_forward` (d = 1 or 2 outputs and inputs), each
+    :math:`z \leftarrow z - (I + s J(z))^{-1}(z + s\,g(z) - b)` with the closed-form 2x2 solve. No
+    autograd."""
+    b = b.detach().contiguous()
+    rows, d = b.shape
+    if d > 2:
+        raise ValueError(f"dense_newton solves 1 or 2 dimensions, got {d}")
+    z = torch.empty_like(b)
+    _dense_call("dense_newton", rows, [b, z], [hidden, params.detach().contiguous(), act],
+                [d, steps, hidden.numel(), kind, int(sign < 0)])
+    return z

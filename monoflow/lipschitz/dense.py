@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from monoflow.activations import make_activation
 from monoflow.lipschitz.chain import _propagate_jacobian
+from monoflow.lipschitz.dense_fused import (fused_applicable, fused_jacobian, fused_newton, fused_value,
+                                            operator_value_and_jacobian, pack_parameters)
 from monoflow.lipschitz.parameter_reuse import _version_key, pass_records_graph, reused_transform
 from monoflow.lipschitz.spectral_norm import SpectralNormConv2d, SpectralNormLinear
 from monoflow.lipschitz.validation import _check_coeff, _check_positive_int
@@ -157,8 +159,14 @@ class DenseNet(nn.Module):
     r"""The Lipschitz DenseNet :math:`g`: dense layers followed by a normalised layer back to the
     input width; :math:`\mathrm{Lip}(g) \le \prod_\ell \mathrm{Lip}(\ell)`.
 
-    Build it with :func:`dense_mlp` (flat inputs) or :func:`dense_convnet` (images).
+    Build it with :func:`dense_mlp` (flat inputs) or :func:`dense_convnet` (images). A flat one with
+    CPila or CLipSwish layers computes through one fused kernel per evaluation on a CPU
+    (:mod:`~monoflow.lipschitz.dense_fused`); inside ``torch.compile`` it does so as torch operators
+    where :attr:`use_kernel_operators` is set (:class:`~monoflow.compiled.CompiledFlowLoss` sets it).
     """
+
+    #: inside torch.compile, call the fused kernels as torch operators (set per module, before compiling)
+    use_kernel_operators: bool = False
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -172,6 +180,10 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._flat and x.dim() == 2:
+            if fused_applicable(self, x):
+                return fused_value(self, x, self._fused_parameters(x.shape[1]))
+            if self._kernel_operators(x):
+                return operator_value_and_jacobian(self, x, self._fused_parameters(x.shape[1]), False)[0]
             return self._forward_into_buffer(x) if not torch.is_grad_enabled() else self._forward_folded(x)
         for layer in self.layers:
             x = layer(x)
@@ -188,6 +200,13 @@ class DenseNet(nn.Module):
         for layer, weight in zip(dense, weights):
             features = torch.cat([features, layer.activation(F.linear(features, weight, layer.linear.bias))], dim=1)
         return F.linear(features, weights[-1], last.bias)
+
+    def _fused_parameters(self, width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The packed parameters of :mod:`~monoflow.lipschitz.dense_fused`, once per flow pass: the
+        folded weights with autograd where it is on (graph evaluations), else the cached ones."""
+        eager_no_grad = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return reused_transform(self, ("fused_parameters", width, eager_no_grad), lambda: pack_parameters(
+            self, (self._column_scaled_weights if eager_no_grad else self._folded_weights)(width)))
 
     def _folded_weights(self, width: int) -> List[torch.Tensor]:
         """:meth:`_scaled_weights` with autograd, computed once per flow pass
@@ -273,6 +292,10 @@ class DenseNet(nn.Module):
                 )
         if not self._flat:
             return _propagate_jacobian(self.layers, w)
+        if fused_applicable(self, w):
+            return fused_jacobian(self, w, self._fused_parameters(w.shape[1]))
+        if self._kernel_operators(w):
+            return operator_value_and_jacobian(self, w, self._fused_parameters(w.shape[1]), True)  # type: ignore[return-value]
         # the eta's folded into the next layers' weights (see _scaled_weights): no rescaling of
         # batch-sized features and Jacobians, and cheap gradients for learnable concatenation
         eager_no_grad = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -285,6 +308,20 @@ class DenseNet(nn.Module):
             pre, pre_jac = F.linear(x, weight, layer.linear.bias), F.linear(jac, weight)
             x, jac = dense_layer_output(layer.activation, x, pre, 1.0, 1.0, jac, pre_jac)
         return F.linear(x, weights[-1], last.bias), F.linear(jac, weights[-1]).transpose(1, 2)
+
+    def fused_newton(self, b: torch.Tensor, sign: float, steps: int) -> Optional[torch.Tensor]:
+        r"""``steps`` Newton steps for :math:`z + s\,g(z) = b` from :math:`z = b` in one fused kernel call
+        (:func:`monoflow.kernels.dense_newton`; no autograd), or ``None`` where it does not apply (not
+        one or two dimensions, or :func:`~monoflow.lipschitz.dense_fused.fused_applicable` fails)."""
+        if torch.is_grad_enabled() or b.dim() != 2 or b.shape[1] > 2 or self.layers[-1].out_features != b.shape[1] \
+                or not (fused_applicable(self, b) or self._kernel_operators(b)):
+            return None
+        return fused_newton(self, b, self._fused_parameters(b.shape[1]), sign, steps)
+
+    def _kernel_operators(self, x: torch.Tensor) -> bool:
+        """Inside ``torch.compile`` with :attr:`use_kernel_operators` set: the fused kernels as torch
+        operators (:func:`~monoflow.lipschitz.dense_fused.dense_operator`)."""
+        return self.use_kernel_operators and torch.compiler.is_compiling() and x.dim() == 2
 
     def lipschitz_bound(self) -> float:
         """Certified upper bound of Lip(g): product of the layers' rigorous bounds."""

@@ -1,0 +1,266 @@
+r"""The flat Lipschitz DenseNet in one fused kernel call: value, Jacobian and their backward.
+
+The 2-D toy models' g (two inputs, three dense layers of 8 hidden units, CPila or CLipSwish, a last
+layer back to two outputs) is about a thousand FLOPs per sample, about 0.5 MFLOP at batch 500; in
+plain PyTorch one evaluation is a dozen operator dispatches, one value-and-Jacobian pass about
+forty, and its backward twice that, so the 2-D steps are bound by dispatch, not by arithmetic.
+:func:`monoflow.kernels.dense_forward` and :func:`~monoflow.kernels.dense_backward` compute the
+whole network for a block of 64 samples at a time, with the features stored feature by feature so
+that every loop runs over the block's samples. With the packed parameters
+:math:`\theta = (\bar W_0, b_0, \dots, \bar W_L, b_L)` (the folded weights of
+:meth:`~monoflow.lipschitz.dense.DenseNet._scaled_weights`) and the activations' constants,
+
+* :func:`fused_value` is :math:`g(x)`, and :func:`fused_jacobian` is
+  :math:`(g(x), \partial g/\partial x)`, each differentiable in x, :math:`\theta` and each CLipSwish
+  :math:`\beta` (:class:`_FusedDense`);
+* the backward of the pair runs in the kernel too (the slope's gradient through the activations'
+  second derivatives); a backward that is itself recorded (double backward) runs
+  :func:`plain_dense`, the same map in differentiable PyTorch operators.
+
+They apply (:func:`fused_applicable`) where :func:`monoflow.kernels.applicable` holds for the input
+and the network is flat (spectral-norm linear layers) with CPila or CLipSwish activations.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from monoflow import kernels
+from monoflow.activations import CLipSwish, CPila
+
+__all__ = ["fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "pack_parameters",
+           "operators_applicable", "operator_value_and_jacobian", "dense_operator", "dense_backward_operator",
+           "dense_newton_operator"]
+
+_KINDS = {CPila: kernels.DENSE_ACTIVATIONS["cpila"], CLipSwish: kernels.DENSE_ACTIVATIONS["clipswish"]}
+
+
+_HIDDEN: dict = {}
+
+
+def _hidden_tensor(hidden: Sequence[int]) -> Tensor:
+    """The hidden widths as the kernels take them (int64), one tensor per architecture."""
+    key = tuple(hidden)
+    if key not in _HIDDEN:
+        _HIDDEN[key] = torch.tensor(key, dtype=torch.int64)
+    return _HIDDEN[key]
+
+
+def _kind(activations: Sequence[nn.Module]) -> Optional[int]:
+    """The kernel's activation code when all layers use one supported activation (exact types)."""
+    kinds = {_KINDS.get(type(a)) for a in activations}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
+def fused_applicable(net: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`fused_value` and :func:`fused_jacobian` compute ``net`` at ``x``: a flat DenseNet
+    of CPila or CLipSwish layers, a (batch, d) input of the weights' dtype, and
+    :func:`monoflow.kernels.applicable`."""
+    if not net._flat or x.dim() != 2 or x.shape[0] == 0:
+        return False
+    *dense, last = net.layers
+    if not dense or x.shape[1] != dense[0].linear.in_features:
+        return False
+    if x.dtype != last.weight.dtype or _kind([layer.activation for layer in dense]) is None:
+        return False
+    return kernels.applicable(x)
+
+
+def pack_parameters(net: nn.Module, weights: Sequence[Tensor]) -> Tuple[Tensor, Tuple[int, ...], Tensor, int]:
+    r"""``(params, hidden, act, kind)``: the folded ``weights`` and the biases packed in one tensor
+    (differentiable where they are), the hidden widths, each layer's activation constants
+    (layers, 3): CPila :math:`(k, \text{shift}, 1/\text{scale})`, CLipSwish
+    :math:`(\beta, 1/\text{scale}, 0)` with :math:`\beta` differentiable, and the activation code."""
+    *dense, last = net.layers
+    parts: List[Tensor] = []
+    for layer, weight in zip(dense, weights):
+        parts += [weight.reshape(-1), layer.linear.bias]
+    params = torch.cat(parts + [weights[-1].reshape(-1), last.bias])
+    hidden = tuple(layer.linear.out_features for layer in dense)
+    activations = [layer.activation for layer in dense]
+    kind = _kind(activations)
+    if kind == kernels.DENSE_ACTIVATIONS["cpila"]:
+        act = torch.tensor([[a.k, a.shift, 1.0 / a.scale] for a in activations], dtype=params.dtype)
+    else:
+        zero = params.new_zeros(())
+        act = torch.stack([torch.stack([a.beta.to(params.dtype), zero + 1.0 / a.scale, zero]) for a in activations])
+    return params, hidden, act, kind
+
+
+def plain_dense(net: nn.Module, x: Tensor, params: Tensor, act: Tensor,
+                with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The map of :func:`fused_jacobian` in differentiable PyTorch operators (double backward, tests)."""
+    *dense, last = net.layers
+    batch, width = x.shape
+    features = x
+    tangents = torch.eye(width, dtype=x.dtype).expand(batch, width, width) if with_jacobian else None
+    offset = 0
+    with kernels.enabled(False):
+        for index, layer in enumerate(dense):
+            hidden = layer.linear.out_features
+            weight = params[offset:offset + hidden * width].view(hidden, width)
+            bias = params[offset + hidden * width:offset + hidden * (width + 1)]
+            offset += hidden * (width + 1)
+            pre = F.linear(features, weight, bias)
+            activation = layer.activation
+            if isinstance(activation, CLipSwish):
+                value = activation.forward_with_beta(pre, act[index, 0])
+                slope = activation.derivative_with_beta(pre, act[index, 0]) if with_jacobian else None
+            else:
+                value, slope = activation.value_and_derivative(pre)
+            features = torch.cat([features, value], dim=1)
+            if tangents is not None:
+                pre_tangents = F.linear(tangents, weight)
+                tangents = torch.cat([tangents, slope.unsqueeze(1) * torch.cat([pre_tangents] * 2, dim=2)], dim=2)
+            width += 2 * hidden
+    out_features = last.out_features
+    weight = params[offset:offset + out_features * width].view(out_features, width)
+    value = F.linear(features, weight, params[offset + out_features * width:])
+    return value, None if tangents is None else F.linear(tangents, weight).transpose(1, 2)
+
+
+class _FusedDense(torch.autograd.Function):
+    """``g(x)`` or ``(g(x), dg/dx)`` by the kernel; backward by the kernel, or by :func:`plain_dense`
+    when the backward is recorded."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, params: Tensor, act: Tensor, net: nn.Module, hidden: Tensor,  # type: ignore[override]
+                kind: int, with_jacobian: bool):
+        ctx.save_for_backward(x, params, act)
+        ctx.constants = (net, hidden, kind, with_jacobian)
+        value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, net.layers[-1].out_features, kind,
+                                           with_jacobian)
+        return (value, jac) if with_jacobian else value
+
+    @staticmethod
+    def backward(ctx, grad_value: Optional[Tensor], grad_jac: Optional[Tensor] = None):  # type: ignore[override]
+        x, params, act = ctx.saved_tensors
+        net, hidden, kind, with_jacobian = ctx.constants
+        if torch.is_grad_enabled():
+            # the saved inputs carry their own history: the gradients below are differentiable in them
+            value, jac = plain_dense(net, x, params, act, with_jacobian)
+            outputs, grads = zip(*[(o, g) for o, g in ((value, grad_value), (jac, grad_jac))
+                                   if o is not None and g is not None])
+            needed = ctx.needs_input_grad[:3]
+            found = iter(torch.autograd.grad(outputs, [t for t, need in zip((x, params, act), needed) if need],
+                                             grads, create_graph=True, allow_unused=True))
+            grad_x, grad_params, grad_act = (next(found) if need else None for need in needed)
+            return grad_x, grad_params, grad_act, None, None, None, None
+        grad_x, grad_params, grad_beta = kernels.dense_backward(x, grad_value, grad_jac, params, _hidden_tensor(hidden),
+                                                                act, net.layers[-1].out_features, kind)
+        grad_act = None
+        if ctx.needs_input_grad[2]:
+            grad_act = torch.zeros_like(act)
+            grad_act[:, 0] = grad_beta
+        return grad_x, grad_params.to(params.dtype), grad_act, None, None, None, None
+
+
+Packed = Tuple[Tensor, Tuple[int, ...], Tensor, int]
+
+
+def _evaluate(net: nn.Module, x: Tensor, packed: Packed, with_jacobian: bool):
+    params, hidden, act, kind = packed
+    if torch.is_grad_enabled() and (x.requires_grad or params.requires_grad or act.requires_grad):
+        return _FusedDense.apply(x, params, act, net, hidden, kind, with_jacobian)
+    value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, net.layers[-1].out_features, kind,
+                                       with_jacobian)
+    return (value, jac) if with_jacobian else value
+
+
+def fused_value(net: nn.Module, x: Tensor, packed: Packed) -> Tensor:
+    """``g(x)`` by the kernel with the :func:`pack_parameters` of ``net``; differentiable. Call where
+    :func:`fused_applicable` holds."""
+    return _evaluate(net, x, packed, False)
+
+
+def fused_jacobian(net: nn.Module, x: Tensor, packed: Packed) -> Tuple[Tensor, Tensor]:
+    """``(g(x), dg/dx)`` (B, d_out, d) by the kernel; differentiable."""
+    return _evaluate(net, x, packed, True)
+
+
+# ------------------------------------------------------------------ inside torch.compile
+# The same kernels as torch operators (torch.library), so that a compiled graph calls them as
+# opaque kernels: Dynamo traces their shapes from the fake implementations, AOTAutograd their
+# gradients from the backward operator. Used where DenseNet.use_kernel_operators is set (by
+# monoflow.compiled.CompiledFlowLoss, when the kernels are available).
+
+@torch.library.custom_op("monoflow::dense", mutates_args=())
+def dense_operator(x: Tensor, params: Tensor, act: Tensor, hidden: List[int], d_out: int, kind: int,
+                   with_jacobian: bool) -> Tuple[Tensor, Tensor]:
+    """``(g(x), dg/dx)`` (an empty tensor without ``with_jacobian``) by :func:`monoflow.kernels.dense_forward`."""
+    value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, d_out, kind, with_jacobian)
+    return value, x.new_empty(0) if jac is None else jac
+
+
+@dense_operator.register_fake
+def _(x, params, act, hidden, d_out, kind, with_jacobian):
+    rows, d = x.shape
+    return x.new_empty(rows, d_out), x.new_empty(rows, d_out, d) if with_jacobian else x.new_empty(0)
+
+
+@torch.library.custom_op("monoflow::dense_backward", mutates_args=())
+def dense_backward_operator(x: Tensor, grad_value: Tensor, grad_jac: Tensor, params: Tensor, act: Tensor,
+                            hidden: List[int], d_out: int, kind: int,
+                            with_jacobian: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of x, params and act of :func:`dense_operator` (act: its column 0, each beta)."""
+    grad_x, grad_params, grad_beta = kernels.dense_backward(x, grad_value, grad_jac if with_jacobian else None, params,
+                                                            _hidden_tensor(hidden), act, d_out, kind)
+    grad_act = torch.zeros_like(act)
+    grad_act[:, 0] = grad_beta
+    return grad_x, grad_params, grad_act
+
+
+@dense_backward_operator.register_fake
+def _(x, grad_value, grad_jac, params, act, hidden, d_out, kind, with_jacobian):
+    return torch.empty_like(x), torch.empty_like(params), torch.empty_like(act)
+
+
+def _operator_setup(ctx, inputs, output) -> None:
+    x, params, act, hidden, d_out, kind, with_jacobian = inputs
+    ctx.save_for_backward(x, params, act)
+    ctx.constants = (hidden, d_out, kind, with_jacobian)
+
+
+def _operator_backward(ctx, grad_value: Optional[Tensor], grad_jac: Optional[Tensor]):
+    x, params, act = ctx.saved_tensors
+    hidden, d_out, kind, with_jacobian = ctx.constants
+    grad_value = x.new_zeros(x.shape[0], d_out) if grad_value is None else grad_value
+    if grad_jac is None or not with_jacobian:
+        grad_jac = x.new_zeros(x.shape[0], d_out, x.shape[1]) if with_jacobian else x.new_empty(0)
+    grads = dense_backward_operator(x, grad_value, grad_jac, params, act, hidden, d_out, kind, with_jacobian)
+    return (*grads, None, None, None, None)
+
+
+dense_operator.register_autograd(_operator_backward, setup_context=_operator_setup)
+
+
+@torch.library.custom_op("monoflow::dense_newton", mutates_args=())
+def dense_newton_operator(b: Tensor, params: Tensor, act: Tensor, hidden: List[int], kind: int, steps: int,
+                          negative: bool) -> Tensor:
+    """:func:`monoflow.kernels.dense_newton` (no gradient)."""
+    return kernels.dense_newton(b, params, _hidden_tensor(hidden), act, kind, steps, -1.0 if negative else 1.0)
+
+
+@dense_newton_operator.register_fake
+def _(b, params, act, hidden, kind, steps, negative):
+    return torch.empty_like(b)
+
+
+def operator_value_and_jacobian(net: nn.Module, x: Tensor, packed: "Packed",
+                                with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`fused_value` / :func:`fused_jacobian` through :func:`dense_operator` (compiled graphs)."""
+    params, hidden, act, kind = packed
+    value, jac = dense_operator(x, params, act, list(hidden), net.layers[-1].out_features, kind, with_jacobian)
+    return value, jac if with_jacobian else None
+
+
+def fused_newton(net: nn.Module, b: Tensor, packed: "Packed", sign: float, steps: int) -> Tensor:
+    """:func:`monoflow.kernels.dense_newton` with the packed parameters; inside ``torch.compile`` through
+    :func:`dense_newton_operator`."""
+    params, hidden, act, kind = packed
+    if torch.compiler.is_compiling():
+        return dense_newton_operator(b, params, act, list(hidden), kind, steps, sign < 0)
+    return kernels.dense_newton(b, params, _hidden_tensor(hidden), act, kind, steps, sign)
