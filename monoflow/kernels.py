@@ -260,6 +260,12 @@ LIPSWISH_KERNELS(double, f64, exp_f64)
 
 #define DENSE_KERNELS(T, SUFFIX, EXP)                                                             \
 /* sum over the block's rows of a[r] b[r], in 16 lanes (vectorised without reassociation) */      \
+/* lanes[q] += sum over the row groups of a[r + q] b[r + q]: a sum over the rows kept in 16       \
+   lanes, reduced once at the end of a call */                                                    \
+static inline void dot_lanes_##SUFFIX(T* lanes, const T* a, const T* b) {                         \
+    for (int64_t r = 0; r < DENSE_ROWS; r += 16)                                                  \
+        for (int64_t q = 0; q < 16; ++q) lanes[q] += a[r + q] * b[r + q];                         \
+}                                                                                                 \
 static inline T dot_rows_##SUFFIX(const T* a, const T* b) {                                       \
     T lanes[16] = {0};                                                                            \
     for (int64_t r = 0; r < DENSE_ROWS; r += 16)                                                  \
@@ -280,11 +286,15 @@ static void dense_activate_##SUFFIX(int64_t kind, const T* a, const T* h, T* v1,
         for (int64_t r = 0; r < R; ++r) s1[r] = slope_##SUFFIX(h[r] - shift, k) * c;              \
         for (int64_t r = 0; r < R; ++r) s2[r] = -slope_##SUFFIX(-h[r] - shift, k) * c;            \
     } else {                                                                                      \
-        const T beta = a[0], c = a[1];                                                            \
-        for (int64_t r = 0; r < R; ++r) v1[r] = lipswish_value_##SUFFIX(h[r], beta) * c;          \
-        for (int64_t r = 0; r < R; ++r) v2[r] = lipswish_value_##SUFFIX(-h[r], beta) * c;         \
-        for (int64_t r = 0; r < R; ++r) s1[r] = lipswish_slope_##SUFFIX(h[r], beta) * c;          \
-        for (int64_t r = 0; r < R; ++r) s2[r] = -lipswish_slope_##SUFFIX(-h[r], beta) * c;        \
+        const T beta = a[0], c = a[1] / (T)1.1;                                                   \
+        for (int64_t r = 0; r < R; ++r) { /* one sigmoid per half gives value and slope */        \
+            T z = beta * h[r], sg = sigmoid_##SUFFIX(z);                                          \
+            v1[r] = h[r] * sg * c; s1[r] = (sg + z * sg * ((T)1 - sg)) * c;                       \
+        }                                                                                         \
+        for (int64_t r = 0; r < R; ++r) {                                                         \
+            T z = -beta * h[r], sg = sigmoid_##SUFFIX(z);                                         \
+            v2[r] = -h[r] * sg * c; s2[r] = -(sg + z * sg * ((T)1 - sg)) * c;                     \
+        }                                                                                         \
     }                                                                                             \
 }                                                                                                 \
 /* gh = d/dh of gv1 v1 + gv2 v2 + gs1 s1 + gs2 s2 (gs1 = NULL: no slope terms), and s1, s2; for   \
@@ -309,19 +319,21 @@ static void dense_activation_backward_##SUFFIX(int64_t kind, const T* a, const T
         const T sign = half ? (T)-1 : (T)1;                                                       \
         const T* gv = half ? gv2 : gv1;                                                           \
         T* s = half ? s2 : s1;                                                                    \
-        for (int64_t r = 0; r < R; ++r) {                                                         \
-            T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg);     \
-            s[r] = sign * (sg + z * ds) * c;                                                      \
-            gh[r] += gv[r] * s[r];                                                                \
-            work[r] += gv[r] * u * u * ds * c;                                                    \
-        }                                                                                         \
-        if (gs1) {                                                                                \
-            const T* gs = half ? gs2 : gs1;                                                       \
+        const T* gs = gs1 ? (half ? gs2 : gs1) : NULL; /* gs2 is scratch when gs1 is NULL */      \
+        if (gs) { /* one sigmoid per element for both terms */                                    \
             for (int64_t r = 0; r < R; ++r) {                                                     \
                 T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg); \
                 T bend = (T)2 + z * ((T)1 - (T)2 * sg);                                           \
-                gh[r] += gs[r] * beta * ds * bend * c;                                            \
-                work[r] += sign * gs[r] * u * ds * bend * c;                                      \
+                s[r] = sign * (sg + z * ds) * c;                                                  \
+                gh[r] += gv[r] * s[r] + gs[r] * beta * ds * bend * c;                             \
+                work[r] += (gv[r] * u * u + sign * gs[r] * u * bend) * ds * c;                    \
+            }                                                                                     \
+        } else {                                                                                  \
+            for (int64_t r = 0; r < R; ++r) {                                                     \
+                T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg); \
+                s[r] = sign * (sg + z * ds) * c;                                                  \
+                gh[r] += gv[r] * s[r];                                                            \
+                work[r] += gv[r] * u * u * ds * c;                                                \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
@@ -501,7 +513,11 @@ int dense_backward_##SUFFIX(const T* restrict x, const T* restrict grad_out,    
         offsets[l + 1] = offsets[l] + hidden[l] * (widths[l] + 1);                                \
         widths[l + 1] = widths[l] + 2 * hidden[l]; hoffs[l + 1] = hoffs[l] + hidden[l];           \
     }                                                                                             \
-    const T* last = params + offsets[layers]; T* glast = grad_params + offsets[layers];           \
+    const T* last = params + offsets[layers];                                                     \
+    const int64_t nparams = offsets[layers] + d_out * (wt + 1);                                   \
+    T* lanes = calloc(16 * nparams, sizeof(T)); /* the parameters' gradients, 16 lanes each */    \
+    if (!lanes) { free(buffer); return 1; }                                                       \
+    T* glast = lanes + 16 * offsets[layers];                                                      \
     T ones[DENSE_ROWS];                                                                           \
     for (int64_t r = 0; r < R; ++r) ones[r] = 1;                                                  \
     for (int64_t r0 = 0; r0 < rows; r0 += R) {                                                    \
@@ -517,18 +533,18 @@ int dense_backward_##SUFFIX(const T* restrict x, const T* restrict grad_out,    
                                                : grad_jac[((r0 + r) * d_out + i) * d + c];        \
                 const T* src = c < 0 ? feat : tan + c * wt * R;                                   \
                 T* dst = c < 0 ? gfeat : gtan + c * wt * R;                                       \
-                if (c < 0) glast[d_out * wt + i] += dot_rows_##SUFFIX(gy, ones);                  \
+                if (c < 0) dot_lanes_##SUFFIX(glast + 16 * (d_out * wt + i), gy, ones);           \
                 for (int64_t k = 0; k < wt; ++k) {                                                \
                     const T cw = last[i * wt + k]; const T* fk = src + k * R; T* gk = dst + k * R;\
-                    glast[i * wt + k] += dot_rows_##SUFFIX(gy, fk);                               \
+                    dot_lanes_##SUFFIX(glast + 16 * (i * wt + k), gy, fk);                        \
                     for (int64_t r = 0; r < R; ++r) gk[r] += cw * gy[r];                          \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
         for (int64_t l = layers - 1; l >= 0; --l) {                                               \
             const int64_t hl = hidden[l], w = widths[l], hoff = hoffs[l];                         \
-            const T* W = params + offsets[l]; T* gW = grad_params + offsets[l];                   \
-            T* gb = gW + hl * w;                                                                  \
+            const T* W = params + offsets[l]; T* gW = lanes + 16 * offsets[l];                    \
+            T* gb = gW + 16 * hl * w;                                                             \
             for (int64_t j = 0; j < hl; ++j) {                                                    \
                 const T* hj = pre + (hoff + j) * R;                                               \
                 if (tangents) {                                                                   \
@@ -543,10 +559,10 @@ int dense_backward_##SUFFIX(const T* restrict x, const T* restrict grad_out,    
                 dense_activation_backward_##SUFFIX(kind, act + 3 * l, hj, gfeat + (w + j) * R,    \
                     gfeat + (w + hl + j) * R, tangents ? gs1 : NULL, gs2, gh, s1, s2,             \
                     grad_act + l, work);                                                          \
-                gb[j] += dot_rows_##SUFFIX(gh, ones);                                             \
+                dot_lanes_##SUFFIX(gb + 16 * j, gh, ones);                                        \
                 for (int64_t k = 0; k < w; ++k) {                                                 \
                     const T cw = W[j * w + k]; const T* fk = feat + k * R; T* gk = gfeat + k * R; \
-                    gW[j * w + k] += dot_rows_##SUFFIX(gh, fk);                                   \
+                    dot_lanes_##SUFFIX(gW + 16 * (j * w + k), gh, fk);                            \
                     for (int64_t r = 0; r < R; ++r) gk[r] += cw * gh[r];                          \
                 }                                                                                 \
                 for (int64_t c = 0; tangents && c < d; ++c) {                                     \
@@ -556,7 +572,7 @@ int dense_backward_##SUFFIX(const T* restrict x, const T* restrict grad_out,    
                     for (int64_t k = 0; k < w; ++k) {                                             \
                         const T cw = W[j * w + k]; const T* tk = tan + (c * wt + k) * R;          \
                         T* gk = gtan + (c * wt + k) * R;                                          \
-                        gW[j * w + k] += dot_rows_##SUFFIX(th, tk);                               \
+                        dot_lanes_##SUFFIX(gW + 16 * (j * w + k), th, tk);                        \
                         for (int64_t r = 0; r < R; ++r) gk[r] += cw * th[r];                      \
                     }                                                                             \
                 }                                                                                 \
@@ -565,6 +581,12 @@ int dense_backward_##SUFFIX(const T* restrict x, const T* restrict grad_out,    
         for (int64_t r = 0; r < nb; ++r)                                                          \
             for (int64_t k = 0; k < d; ++k) grad_x[(r0 + r) * d + k] = gfeat[k * R + r];         \
     }                                                                                             \
+    for (int64_t i = 0; i < nparams; ++i) {                                                       \
+        T sum = 0;                                                                                \
+        for (int64_t q = 0; q < 16; ++q) sum += lanes[16 * i + q];                                \
+        grad_params[i] += sum;                                                                    \
+    }                                                                                             \
+    free(lanes);                                                                                  \
     free(buffer);                                                                                 \
     return 0;                                                                                     \
 }

@@ -178,3 +178,45 @@ def test_plain_dense_is_the_network():
             expected_value, expected_jac = g.jacobian(x)
         torch.testing.assert_close(value, expected_value, rtol=1e-13, atol=1e-14)
         torch.testing.assert_close(jac, expected_jac, rtol=1e-13, atol=1e-14)
+
+
+@needs_kernels
+@pytest.mark.parametrize("activation", ["cpila", "clipswish"])
+def test_kernel_operators_pass_torch_library_checks(activation):
+    """The torch operators that compiled graphs call: fake (shape) implementations, the registered
+    autograd and schema, by torch.library.opcheck; their values and gradients equal the Function's."""
+    from monoflow.lipschitz.dense_fused import dense_newton_operator, dense_operator
+
+    g = _network(activation, torch.float64)
+    params, hidden, act, kind = pack_parameters(g, g._scaled_weights(2))
+    params = params.detach().requires_grad_(True)
+    act = act.detach().requires_grad_(activation == "clipswish")
+    x = _inputs(70, 2, torch.float64).requires_grad_(True)
+    for with_jacobian in (False, True):
+        torch.library.opcheck(dense_operator, (x, params, act, list(hidden), 2, kind, with_jacobian))
+        value, jac = dense_operator(x, params, act, list(hidden), 2, kind, with_jacobian)
+        expected = _FusedDense.apply(x, params, act, g, hidden, kind, with_jacobian)
+        expected_value = expected[0] if with_jacobian else expected
+        torch.testing.assert_close(value, expected_value, rtol=0, atol=0)
+        loss = value.sin().sum() + (jac.square().sum() if with_jacobian else 0)
+        wanted = [t for t in (x, params, act) if t.requires_grad]
+        mine = torch.autograd.grad(loss, wanted)
+        loss = expected_value.sin().sum() + (expected[1].square().sum() if with_jacobian else 0)
+        for a, b in zip(mine, torch.autograd.grad(loss, wanted)):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    b = x.detach()
+    torch.library.opcheck(dense_newton_operator, (b, params.detach(), act.detach(), list(hidden), kind, 2, True))
+    with torch.no_grad():
+        torch.testing.assert_close(dense_newton_operator(b, params.detach(), act.detach(), list(hidden), kind, 2, True),
+                                   g.fused_newton(b, -1.0, 2), rtol=0, atol=0)
+
+
+@needs_kernels
+def test_compiled_monotone_loss_calls_the_kernel_operators():
+    """CompiledFlowLoss switches the operators on for CPila DenseNets (not for CLipSwish ones)."""
+    from monoflow.compiled import _use_kernel_operators
+    from monoflow.models.toy import toy_flow
+
+    monotone, idensenet = toy_flow("monotone", nblocks=2), toy_flow("idensenet", nblocks=2)
+    assert _use_kernel_operators(monotone) and all(block.g.use_kernel_operators for block in monotone.blocks)
+    assert not _use_kernel_operators(idensenet) and not any(block.g.use_kernel_operators for block in idensenet.blocks)

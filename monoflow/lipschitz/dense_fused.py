@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from monoflow import kernels
 from monoflow.activations import CLipSwish, CPila
 
-__all__ = ["fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "pack_parameters",
+__all__ = ["supported", "fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "pack_parameters",
            "operators_applicable", "operator_value_and_jacobian", "dense_operator", "dense_backward_operator",
            "dense_newton_operator"]
 
@@ -55,18 +55,20 @@ def _kind(activations: Sequence[nn.Module]) -> Optional[int]:
     return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
+def supported(net: nn.Module) -> bool:
+    """Whether the kernels compute ``net``: a flat DenseNet whose layers all use CPila or all CLipSwish."""
+    *dense, _ = net.layers
+    return bool(net._flat and dense and _kind([layer.activation for layer in dense]) is not None)
+
+
 def fused_applicable(net: nn.Module, x: Tensor) -> bool:
     """Whether :func:`fused_value` and :func:`fused_jacobian` compute ``net`` at ``x``: a flat DenseNet
     of CPila or CLipSwish layers, a (batch, d) input of the weights' dtype, and
     :func:`monoflow.kernels.applicable`."""
-    if not net._flat or x.dim() != 2 or x.shape[0] == 0:
+    if x.dim() != 2 or x.shape[0] == 0 or not supported(net):
         return False
-    *dense, last = net.layers
-    if not dense or x.shape[1] != dense[0].linear.in_features:
-        return False
-    if x.dtype != last.weight.dtype or _kind([layer.activation for layer in dense]) is None:
-        return False
-    return kernels.applicable(x)
+    first, last = net.layers[0], net.layers[-1]
+    return x.shape[1] == first.linear.in_features and x.dtype == last.weight.dtype and kernels.applicable(x)
 
 
 def pack_parameters(net: nn.Module, weights: Sequence[Tensor]) -> Tuple[Tensor, Tuple[int, ...], Tensor, int]:
