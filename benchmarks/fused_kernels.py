@@ -1,11 +1,12 @@
-"""The fused CPU kernels of CPila and (C)LipSwish (``monoflow.kernels``) against their plain operators,
-measured side by side.
+"""The fused CPU kernels (``monoflow.kernels``: CPila, (C)LipSwish and the 2-D models' whole DenseNet g)
+against their plain operators, measured side by side.
 
 Three levels, each alternating the two ways round after round so both see the same machine load:
 
 1. one call of CPila with its derivative (``value_and_derivative``, no autograd) on the 2-D toy
    models' pre-activations (500 x 8) and on an image block's (64 x 16 x 14 x 14: the mnist5k-cpu
-   Monotone Flow's growth 32 at batch 64 on squeezed 14 x 14 images);
+   Monotone Flow's growth 32 at batch 64 on squeezed 14 x 14 images); and of the 2-D models' g,
+   value and Jacobian, without autograd and with the backward (the fused DenseNet kernel);
 2. eager training iterations of the paper's 2-D models (Monotone Flow with CPila, i-DenseNet with
    CLipSwish, Residual Flow with LipSwish; 8gaussians, learnable concatenation on), in one
    process, switching with ``kernels.enabled``;
@@ -44,6 +45,7 @@ from monoflow.activations import CPila  # noqa: E402
 from monoflow.experiments.config import toy_config  # noqa: E402
 from monoflow.experiments.toy2d import ToyExperiment  # noqa: E402
 from monoflow.experiments.train import training_step  # noqa: E402
+from monoflow.lipschitz import dense_mlp, reuse_parameter_transforms, set_learnable_concat  # noqa: E402
 from monoflow.provenance import benchmark_report, run_benchmark  # noqa: E402
 
 WAYS = {"plain": False, "fused": True}
@@ -79,6 +81,32 @@ def activation_call(shape: tuple, rounds: int) -> Dict[str, Any]:
 
     run()
     return _row(f"CPila value and derivative, {tuple(shape)}", "us_per_call",
+                {way: [t * 1e6 for t in ts] for way, ts in _alternate(run, rounds).items()}, calls)
+
+
+def dense_call(activation: str, with_backward: bool, rounds: int) -> Dict[str, Any]:
+    """The 2-D models' g (``dense_mlp(2, 3, 16)``, learnable concatenation on) at batch 500: its value and
+    Jacobian without autograd (a Newton step's pass), or with autograd and the backward of a loss of both
+    (the log-det's pass in training); plain operators against the fused DenseNet kernel."""
+    torch.manual_seed(0)
+    g = dense_mlp(2, 3, 16, activation, 0.9, 0.98)
+    set_learnable_concat(g, True)
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
+    calls = 50
+
+    def run() -> None:
+        for _ in range(calls):
+            if with_backward:
+                with reuse_parameter_transforms():  # as in a training pass: weights folded once
+                    value, jac = g.jacobian(x)
+                    (value.square().sum() + jac.sum()).backward()
+            else:
+                with torch.no_grad():
+                    g.jacobian(x)
+
+    run()
+    what = "value and Jacobian with their backward" if with_backward else "value and Jacobian, no autograd"
+    return _row(f"2-D g ({activation}, growth 16) {what}, batch 500", "us_per_call",
                 {way: [t * 1e6 for t in ts] for way, ts in _alternate(run, rounds).items()}, calls)
 
 
@@ -150,6 +178,8 @@ def main(argv: Any = None) -> int:
     cases: Dict[str, Callable[[], Dict[str, Any]]] = {
         "toy activation": lambda: activation_call((500, 8), args.rounds),
         "image activation": lambda: activation_call((64, 16, 14, 14), args.rounds),
+        **{f"toy g {name} {mode}": (lambda name=name, mode=mode: dense_call(name, mode == "backward", args.rounds))
+           for name in ("cpila", "clipswish") for mode in ("no grad", "backward")},
         **{f"toy training {name}": (lambda name=name: toy_training(name, args.rounds, args.toy_steps)) for name in MODEL_NAMES},
     }
     if args.image_rounds:

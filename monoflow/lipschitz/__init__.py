@@ -34,6 +34,8 @@ The package, bottom-up (each module imports only those above it):
 - :mod:`~monoflow.lipschitz.spectral_norm`: :class:`SpectralNormLinear`,
   :class:`SpectralNormConv2d` and their power iteration;
 - :mod:`~monoflow.lipschitz.chain`: :class:`LipschitzChain` and forward Jacobian propagation;
+- :mod:`~monoflow.lipschitz.dense_fused`: a flat DenseNet's value, Jacobian and gradients by one
+  fused kernel call (:mod:`monoflow.kernels`), as an autograd Function and as torch operators;
 - :mod:`~monoflow.lipschitz.dense`: :class:`LipschitzDenseLayer`, :class:`DenseNet`,
   :func:`dense_mlp`, :func:`dense_convnet`, :func:`set_learnable_concat`;
 - :mod:`~monoflow.lipschitz.power_iteration`: :func:`update_lipschitz`;

@@ -131,6 +131,7 @@ class _FusedDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, params: Tensor, act: Tensor, net: nn.Module, hidden: Tensor,  # type: ignore[override]
                 kind: int, with_jacobian: bool):
+        ctx.set_materialize_grads(False)  # a Jacobian no gradient reaches: the value's backward alone
         ctx.save_for_backward(x, params, act)
         ctx.constants = (net, hidden, kind, with_jacobian)
         value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, net.layers[-1].out_features, kind,
@@ -222,6 +223,7 @@ def _(x, grad_value, grad_jac, params, act, hidden, d_out, kind, with_jacobian):
 
 def _operator_setup(ctx, inputs, output) -> None:
     x, params, act, hidden, d_out, kind, with_jacobian = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, params, act)
     ctx.constants = (hidden, d_out, kind, with_jacobian)
 
@@ -230,9 +232,11 @@ def _operator_backward(ctx, grad_value: Optional[Tensor], grad_jac: Optional[Ten
     x, params, act = ctx.saved_tensors
     hidden, d_out, kind, with_jacobian = ctx.constants
     grad_value = x.new_zeros(x.shape[0], d_out) if grad_value is None else grad_value
-    if grad_jac is None or not with_jacobian:
-        grad_jac = x.new_zeros(x.shape[0], d_out, x.shape[1]) if with_jacobian else x.new_empty(0)
-    grads = dense_backward_operator(x, grad_value, grad_jac, params, act, hidden, d_out, kind, with_jacobian)
+    # a Jacobian that no gradient reaches (the compiled loss's Newton step holds it constant): the
+    # value's backward alone, without the tangents
+    jacobian_backward = with_jacobian and grad_jac is not None
+    grad_jac = grad_jac if jacobian_backward else x.new_empty(0)
+    grads = dense_backward_operator(x, grad_value, grad_jac, params, act, hidden, d_out, kind, jacobian_backward)
     return (*grads, None, None, None, None)
 
 
