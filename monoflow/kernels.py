@@ -281,10 +281,17 @@ static void dense_activate_##SUFFIX(int64_t kind, const T* a, const T* h, T* v1,
     const int64_t R = DENSE_ROWS;                                                                 \
     if (kind == 0) {                                                                              \
         const T k = a[0], shift = a[1], c = a[2];                                                 \
-        for (int64_t r = 0; r < R; ++r) v1[r] = value_##SUFFIX(h[r] - shift, k) * c;              \
-        for (int64_t r = 0; r < R; ++r) v2[r] = value_##SUFFIX(-h[r] - shift, k) * c;             \
-        for (int64_t r = 0; r < R; ++r) s1[r] = slope_##SUFFIX(h[r] - shift, k) * c;              \
-        for (int64_t r = 0; r < R; ++r) s2[r] = -slope_##SUFFIX(-h[r] - shift, k) * c;            \
+        for (int64_t half = 0; half < 2; ++half) { /* one exponential per element for both */     \
+            const T sign = half ? (T)-1 : (T)1;                                                   \
+            T* v = half ? v2 : v1; T* s = half ? s2 : s1;                                         \
+            for (int64_t r = 0; r < R; ++r) {                                                     \
+                T u = sign * h[r] - shift, t = t_of_##SUFFIX(u, k), e = EXP(t);                   \
+                T vn = (((T)0.5 * t - (T)1) * t + (T)1) * t / k * e;                              \
+                T sn = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                       \
+                v[r] = (u > (T)0 ? u : vn) * c;                                                   \
+                s[r] = sign * (u > (T)0 ? (T)1 : sn) * c;                                         \
+            }                                                                                     \
+        }                                                                                         \
     } else {                                                                                      \
         const T beta = a[0], c = a[1] / (T)1.1;                                                   \
         for (int64_t r = 0; r < R; ++r) { /* one sigmoid per half gives value and slope */        \
@@ -304,12 +311,27 @@ static void dense_activation_backward_##SUFFIX(int64_t kind, const T* a, const T
     const int64_t R = DENSE_ROWS;                                                                 \
     if (kind == 0) {                                                                              \
         const T k = a[0], shift = a[1], c = a[2];                                                 \
-        for (int64_t r = 0; r < R; ++r) s1[r] = slope_##SUFFIX(h[r] - shift, k) * c;              \
-        for (int64_t r = 0; r < R; ++r) s2[r] = -slope_##SUFFIX(-h[r] - shift, k) * c;            \
-        for (int64_t r = 0; r < R; ++r) gh[r] = gv1[r] * s1[r] + gv2[r] * s2[r];                  \
-        if (gs1) {                                                                                \
-            for (int64_t r = 0; r < R; ++r) gh[r] += gs1[r] * curvature_##SUFFIX(h[r] - shift, k) * c;  \
-            for (int64_t r = 0; r < R; ++r) gh[r] += gs2[r] * curvature_##SUFFIX(-h[r] - shift, k) * c; \
+        for (int64_t r = 0; r < R; ++r) gh[r] = 0;                                                \
+        for (int64_t half = 0; half < 2; ++half) { /* slope and curvature from one exponential */ \
+            const T sign = half ? (T)-1 : (T)1;                                                   \
+            const T* gv = half ? gv2 : gv1; T* s = half ? s2 : s1;                                \
+            const T* gs = gs1 ? (half ? gs2 : gs1) : NULL;                                        \
+            if (gs) {                                                                             \
+                for (int64_t r = 0; r < R; ++r) {                                                 \
+                    T u = sign * h[r] - shift, t = t_of_##SUFFIX(u, k), e = EXP(t);               \
+                    T sn = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                   \
+                    T cn = k * ((T)0.5 * t + (T)2) * t * t * e;                                   \
+                    s[r] = sign * (u > (T)0 ? (T)1 : sn) * c;                                     \
+                    gh[r] += gv[r] * s[r] + gs[r] * (u > (T)0 ? (T)0 : cn) * c;                   \
+                }                                                                                 \
+            } else {                                                                              \
+                for (int64_t r = 0; r < R; ++r) {                                                 \
+                    T u = sign * h[r] - shift, t = t_of_##SUFFIX(u, k), e = EXP(t);               \
+                    T sn = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                   \
+                    s[r] = sign * (u > (T)0 ? (T)1 : sn) * c;                                     \
+                    gh[r] += gv[r] * s[r];                                                        \
+                }                                                                                 \
+            }                                                                                     \
         }                                                                                         \
         return;                                                                                   \
     }                                                                                             \
