@@ -125,7 +125,7 @@ def test_fused_newton_steps_match_plain_newton_steps(activation, dtype, dim):
 
 
 @needs_kernels
-def test_large_batches_split_over_threads_give_the_same_results(monkeypatch):
+def test_large_batches_split_over_threads_give_the_same_results(one_and_three_threads):
     """Batches above DENSE_PARALLEL_ROWS run in row blocks on several threads, with private
     gradient accumulators: the same numbers as one thread (a small threshold, an odd batch)."""
     g = _network("clipswish", torch.float64)
@@ -138,15 +138,7 @@ def test_large_batches_split_over_threads_give_the_same_results(monkeypatch):
             newton = g.fused_newton(x.detach(), -1.0, 2)
         return [value, jac, newton, *torch.autograd.grad(loss, [x, *g.parameters()])]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = results()
-        torch.set_num_threads(3)
-        monkeypatch.setattr(kernels, "DENSE_PARALLEL_ROWS", 64)
-        split = results()
-    finally:
-        torch.set_num_threads(threads)
+    single, split = one_and_three_threads(results, kernels, "DENSE_PARALLEL_ROWS", 64)
     for a, b in zip(single, split):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 

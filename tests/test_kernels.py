@@ -199,7 +199,7 @@ def test_fused_lipswish_gradients_in_x_and_b(make):
 
 
 @needs_kernels
-def test_large_inputs_split_over_threads_give_the_same_results(monkeypatch):
+def test_large_inputs_split_over_threads_give_the_same_results(one_and_three_threads):
     """Inputs above PARALLEL_ELEMENTS run in row blocks on several threads: the same numbers as
     one block (a small threshold here, with an odd number of rows)."""
     x = torch.randn(37, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
@@ -212,14 +212,6 @@ def test_large_inputs_split_over_threads_give_the_same_results(monkeypatch):
             out += [value, slope, *torch.autograd.grad((value.sin() + slope.cos()).sum(), (x, *activation.parameters()))]
         return out
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = results()
-        torch.set_num_threads(3)
-        monkeypatch.setattr(kernels, "PARALLEL_ELEMENTS", 16)
-        split = results()
-    finally:
-        torch.set_num_threads(threads)
+    single, split = one_and_three_threads(results, kernels, "PARALLEL_ELEMENTS", 16)
     for a, b in zip(single, split):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
