@@ -19,6 +19,10 @@ that every loop runs over the block's samples. With the packed parameters
 
 They apply (:func:`fused_applicable`) where :func:`monoflow.kernels.applicable` holds for the input
 and the network is flat (spectral-norm linear layers) with CPila or CLipSwish activations.
+:func:`fused_newton` runs whole Newton starts of a resolvent solve in one call. Inside
+``torch.compile`` the same kernels are torch operators (:func:`dense_operator`, its backward and
+:func:`dense_newton_operator`, registered with ``torch.library``), used where a DenseNet's
+``use_kernel_operators`` is set.
 """
 from __future__ import annotations
 
@@ -32,8 +36,7 @@ from monoflow import kernels
 from monoflow.activations import CLipSwish, CPila
 
 __all__ = ["supported", "fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "pack_parameters",
-           "operators_applicable", "operator_value_and_jacobian", "dense_operator", "dense_backward_operator",
-           "dense_newton_operator"]
+           "operator_value_and_jacobian", "dense_operator", "dense_backward_operator", "dense_newton_operator"]
 
 _KINDS = {CPila: kernels.DENSE_ACTIVATIONS["cpila"], CLipSwish: kernels.DENSE_ACTIVATIONS["clipswish"]}
 
