@@ -212,3 +212,15 @@ def test_compiled_monotone_loss_calls_the_kernel_operators():
     monotone, idensenet = toy_flow("monotone", nblocks=2), toy_flow("idensenet", nblocks=2)
     assert _use_kernel_operators(monotone) and all(block.g.use_kernel_operators for block in monotone.blocks)
     assert not _use_kernel_operators(idensenet) and not any(block.g.use_kernel_operators for block in idensenet.blocks)
+
+
+@needs_kernels
+def test_input_that_requires_grad_keeps_the_plain_graph():
+    """g(x) with x requiring grad is differentiated again by the series log-det estimators: it keeps the
+    plain operators' graph; with x constant (a graph to the parameters only) the kernel computes."""
+    g = _network("cpila", torch.float32)
+    x = _inputs(20, 2, torch.float32)
+    assert type(g(x).grad_fn).__name__ == "_FusedDenseBackward"
+    value = g(x.clone().requires_grad_(True))
+    assert "Fused" not in type(value.grad_fn).__name__
+    assert type(g.jacobian(x.clone().requires_grad_(True))[1].grad_fn).__name__ == "_FusedDenseBackward"

@@ -180,7 +180,10 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._flat and x.dim() == 2:
-            if fused_applicable(self, x):
+            # an input that requires grad keeps the plain operators: vector-Jacobian products of g in x
+            # that are differentiated again (the series log-det estimators) then share one plain graph,
+            # where each recorded backward of the fused Function would rebuild it (plain_dense)
+            if fused_applicable(self, x) and not (torch.is_grad_enabled() and x.requires_grad):
                 return fused_value(self, x, self._fused_parameters(x.shape[1]))
             if self._kernel_operators(x):
                 return operator_value_and_jacobian(self, x, self._fused_parameters(x.shape[1]), False)[0]
