@@ -132,7 +132,7 @@ class _FusedDense(torch.autograd.Function):
     when the backward is recorded."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, params: Tensor, act: Tensor, net: nn.Module, hidden: Tensor,  # type: ignore[override]
+    def forward(ctx, x: Tensor, params: Tensor, act: Tensor, net: nn.Module, hidden: Tuple[int, ...],  # type: ignore[override]
                 kind: int, with_jacobian: bool):
         ctx.set_materialize_grads(False)  # a Jacobian no gradient reaches: the value's backward alone
         ctx.save_for_backward(x, params, act)
