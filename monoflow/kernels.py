@@ -53,7 +53,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -776,25 +776,38 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _pool["executor"]
 
 
+def _in_row_blocks(function: Any, rows: int, workers: int, row_tensors: Sequence[Optional[Tensor]],
+                   tail: Sequence[Any], accumulators: Sequence[Tensor] = (), shared: Sequence[Tensor] = ()) -> List[Any]:
+    """``function(row pointers, accumulator pointers, shared pointers, rows, *tail)`` on ``row_tensors``
+    (first dimension ``rows``; ``None``: a null pointer): once, or with ``workers >= 2`` once per block of
+    rows on torch's intra-op threads (:mod:`ctypes` releases the GIL, so the blocks run in parallel),
+    each with its private copy of the ``accumulators`` (summed into them afterwards). The calls' results."""
+    if workers < 2:
+        return [function(*[None if t is None else t.data_ptr() for t in (*row_tensors, *accumulators, *shared)],
+                         rows, *tail)]
+    row_bytes = [None if t is None else (t.numel() // rows) * t.element_size() for t in row_tensors]
+    private = [torch.zeros((workers,) + tuple(t.shape), dtype=t.dtype) for t in accumulators]
+
+    def call(worker: int, start: int, stop: int) -> Any:
+        pointers = [None if t is None else t.data_ptr() + start * size for t, size in zip(row_tensors, row_bytes)]
+        return function(*pointers, *[p[worker].data_ptr() for p in private], *[t.data_ptr() for t in shared],
+                        stop - start, *tail)
+
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    results = list(_executor(workers).map(call, range(workers), bounds[:-1], bounds[1:]))
+    for accumulator, copies in zip(accumulators, private):
+        accumulator += copies.sum(0)
+    return results
+
+
 def _run(name: str, rows: int, tensors: Sequence[Optional[Tensor]], integers: Sequence[int],
          scalars: Sequence[float]) -> None:
     """Call the C function ``name`` (for the first tensor's dtype) on contiguous ``tensors`` whose
     first dimension is ``rows`` (``None``: a null pointer), then ``rows``, ``integers`` and
-    ``scalars``. Large inputs are split into blocks of rows, one per intra-op thread of torch
-    (``torch.get_num_threads``): :mod:`ctypes` releases the GIL, so the blocks run in parallel."""
-    function = _functions[(name, tensors[0].dtype)]
-    workers = min(torch.get_num_threads(), rows)
-    if workers < 2 or tensors[0].numel() < PARALLEL_ELEMENTS:
-        function(*[None if t is None else t.data_ptr() for t in tensors], rows, *integers, *scalars)
-        return
-    row_bytes = [None if t is None else (t.numel() // rows) * t.element_size() for t in tensors]
-
-    def call(start: int, stop: int) -> None:
-        pointers = [None if t is None else t.data_ptr() + start * size for t, size in zip(tensors, row_bytes)]
-        function(*pointers, stop - start, *integers, *scalars)
-
-    bounds = [rows * i // workers for i in range(workers + 1)]
-    list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
+    ``scalars``. Inputs of at least :data:`PARALLEL_ELEMENTS` are split into blocks of rows, one per
+    intra-op thread of torch (``torch.get_num_threads``)."""
+    workers = min(torch.get_num_threads(), rows) if tensors[0].numel() >= PARALLEL_ELEMENTS else 1
+    _in_row_blocks(_functions[(name, tensors[0].dtype)], rows, workers, tensors, [*integers, *scalars])
 
 
 def _prepared(x: Tensor, widened: torch.Size, grad_value: Optional[Tensor],
@@ -873,29 +886,15 @@ DENSE_PARALLEL_ROWS = 1024
 def _dense_call(name: str, rows: int, row_tensors: Sequence[Optional[Tensor]], shared: Sequence[Tensor],
                 integers: Sequence[int], accumulators: Sequence[Tensor] = ()) -> None:
     """Call the dense kernel ``name`` on ``row_tensors`` (first dimension ``rows``; ``None``: a null
-    pointer), then ``accumulators`` (summed into, one private copy per thread), then ``shared``.
-    Raises ``MemoryError`` when the kernel could not allocate its block buffers."""
-    function = _functions[(name, shared[-1].dtype)]
+    pointer), then ``accumulators`` (summed into, one private copy per thread), then ``shared``;
+    at least :data:`DENSE_PARALLEL_ROWS` rows are split over torch's threads. Raises ``MemoryError``
+    when the kernel could not allocate its block buffers."""
     workers = min(torch.get_num_threads(), max(1, rows // (DENSE_PARALLEL_ROWS // 2)))
-    if workers < 2 or rows < DENSE_PARALLEL_ROWS:
-        failed = function(*[None if t is None else t.data_ptr() for t in (*row_tensors, *accumulators, *shared)],
-                          rows, *integers)
-        if failed:
-            raise MemoryError(f"monoflow.kernels.{name}: out of memory for its block buffers")
-        return
-    row_bytes = [None if t is None else (t.numel() // rows) * t.element_size() for t in row_tensors]
-    private = [torch.zeros((workers,) + tuple(t.shape), dtype=t.dtype) for t in accumulators]
-
-    def call(worker: int, start: int, stop: int) -> int:
-        pointers = [None if t is None else t.data_ptr() + start * size for t, size in zip(row_tensors, row_bytes)]
-        return function(*pointers, *[p[worker].data_ptr() for p in private], *[t.data_ptr() for t in shared],
-                        stop - start, *integers)
-
-    bounds = [rows * i // workers for i in range(workers + 1)]
-    if any(_executor(workers).map(call, range(workers), bounds[:-1], bounds[1:])):
+    if rows < DENSE_PARALLEL_ROWS:
+        workers = 1
+    if any(_in_row_blocks(_functions[(name, shared[-1].dtype)], rows, workers, row_tensors, integers,
+                          accumulators, shared)):
         raise MemoryError(f"monoflow.kernels.{name}: out of memory for its block buffers")
-    for accumulator, copies in zip(accumulators, private):
-        accumulator += copies.sum(0)
 
 
 def dense_forward(x: Tensor, params: Tensor, hidden: Tensor, act: Tensor, d_out: int, kind: int,
