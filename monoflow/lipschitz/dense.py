@@ -14,6 +14,7 @@ from monoflow.activations import make_activation
 from monoflow.lipschitz.chain import _propagate_jacobian
 from monoflow.lipschitz.dense_fused import (fused_applicable, fused_jacobian, fused_newton, fused_value,
                                             operator_value_and_jacobian, pack_parameters)
+from monoflow.lipschitz.dense_fused import supported as fused_supported
 from monoflow.lipschitz.parameter_reuse import _version_key, pass_records_graph, reused_transform
 from monoflow.lipschitz.spectral_norm import SpectralNormConv2d, SpectralNormLinear
 from monoflow.lipschitz.validation import _check_coeff, _check_positive_int
@@ -177,6 +178,8 @@ class DenseNet(nn.Module):
         # exact types: subclasses may change what a layer computes
         self._flat = type(last) is SpectralNormLinear and all(
             type(layer) is LipschitzDenseLayer and type(layer.linear) is SpectralNormLinear for layer in dense)
+        # whether the fused kernels compute this network, asked at every evaluation: fixed, like _flat
+        self._fused_supported = fused_supported(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._flat and x.dim() == 2:
@@ -204,7 +207,7 @@ class DenseNet(nn.Module):
             features = torch.cat([features, layer.activation(F.linear(features, weight, layer.linear.bias))], dim=1)
         return F.linear(features, weights[-1], last.bias)
 
-    def _fused_parameters(self, width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _fused_parameters(self, width: int) -> Tuple[torch.Tensor, Tuple[int, ...], torch.Tensor, int]:
         """The packed parameters of :mod:`~monoflow.lipschitz.dense_fused`, once per flow pass: the
         folded weights with autograd where it is on (graph evaluations), else the cached ones."""
         eager_no_grad = not torch.is_grad_enabled() and not torch.compiler.is_compiling()

@@ -68,7 +68,7 @@ def fused_applicable(net: nn.Module, x: Tensor) -> bool:
     """Whether :func:`fused_value` and :func:`fused_jacobian` compute ``net`` at ``x``: a flat DenseNet
     of CPila or CLipSwish layers, a (batch, d) input of the weights' dtype, and
     :func:`monoflow.kernels.applicable`."""
-    if x.dim() != 2 or x.shape[0] == 0 or not supported(net):
+    if x.dim() != 2 or x.shape[0] == 0 or not net._fused_supported:
         return False
     first, last = net.layers[0], net.layers[-1]
     return x.shape[1] == first.linear.in_features and x.dtype == last.weight.dtype and kernels.applicable(x)
