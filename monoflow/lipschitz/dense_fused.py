@@ -127,6 +127,21 @@ def plain_dense(net: nn.Module, x: Tensor, params: Tensor, act: Tensor,
     return value, None if tangents is None else F.linear(tangents, weight).transpose(1, 2)
 
 
+def _kernel_forward(x: Tensor, params: Tensor, act: Tensor, hidden: Sequence[int], d_out: int, kind: int,
+                    with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    return kernels.dense_forward(x, params, _hidden_tensor(hidden), act, d_out, kind, with_jacobian)
+
+
+def _kernel_backward(x: Tensor, grad_value: Optional[Tensor], grad_jac: Optional[Tensor], params: Tensor, act: Tensor,
+                     hidden: Sequence[int], d_out: int, kind: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of x, params and act (its column 0: each beta; the other columns are constants)."""
+    grad_x, grad_params, grad_beta = kernels.dense_backward(x, grad_value, grad_jac, params, _hidden_tensor(hidden), act,
+                                                            d_out, kind)
+    grad_act = torch.zeros_like(act)
+    grad_act[:, 0] = grad_beta
+    return grad_x, grad_params.to(params.dtype), grad_act
+
+
 class _FusedDense(torch.autograd.Function):
     """``g(x)`` or ``(g(x), dg/dx)`` by the kernel; backward by the kernel, or by :func:`plain_dense`
     when the backward is recorded."""
@@ -137,8 +152,7 @@ class _FusedDense(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # a Jacobian no gradient reaches: the value's backward alone
         ctx.save_for_backward(x, params, act)
         ctx.constants = (net, hidden, kind, with_jacobian)
-        value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, net.layers[-1].out_features, kind,
-                                           with_jacobian)
+        value, jac = _kernel_forward(x, params, act, hidden, net.layers[-1].out_features, kind, with_jacobian)
         return (value, jac) if with_jacobian else value
 
     @staticmethod
@@ -155,13 +169,9 @@ class _FusedDense(torch.autograd.Function):
                                              grads, create_graph=True, allow_unused=True))
             grad_x, grad_params, grad_act = (next(found) if need else None for need in needed)
             return grad_x, grad_params, grad_act, None, None, None, None
-        grad_x, grad_params, grad_beta = kernels.dense_backward(x, grad_value, grad_jac, params, _hidden_tensor(hidden),
-                                                                act, net.layers[-1].out_features, kind)
-        grad_act = None
-        if ctx.needs_input_grad[2]:
-            grad_act = torch.zeros_like(act)
-            grad_act[:, 0] = grad_beta
-        return grad_x, grad_params.to(params.dtype), grad_act, None, None, None, None
+        grad_x, grad_params, grad_act = _kernel_backward(x, grad_value, grad_jac, params, act, hidden,
+                                                         net.layers[-1].out_features, kind)
+        return grad_x, grad_params, grad_act if ctx.needs_input_grad[2] else None, None, None, None, None
 
 
 Packed = Tuple[Tensor, Tuple[int, ...], Tensor, int]
@@ -171,8 +181,7 @@ def _evaluate(net: nn.Module, x: Tensor, packed: Packed, with_jacobian: bool):
     params, hidden, act, kind = packed
     if torch.is_grad_enabled() and (x.requires_grad or params.requires_grad or act.requires_grad):
         return _FusedDense.apply(x, params, act, net, hidden, kind, with_jacobian)
-    value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, net.layers[-1].out_features, kind,
-                                       with_jacobian)
+    value, jac = _kernel_forward(x, params, act, hidden, net.layers[-1].out_features, kind, with_jacobian)
     return (value, jac) if with_jacobian else value
 
 
@@ -197,7 +206,7 @@ def fused_jacobian(net: nn.Module, x: Tensor, packed: Packed) -> Tuple[Tensor, T
 def dense_operator(x: Tensor, params: Tensor, act: Tensor, hidden: List[int], d_out: int, kind: int,
                    with_jacobian: bool) -> Tuple[Tensor, Tensor]:
     """``(g(x), dg/dx)`` (an empty tensor without ``with_jacobian``) by :func:`monoflow.kernels.dense_forward`."""
-    value, jac = kernels.dense_forward(x, params, _hidden_tensor(hidden), act, d_out, kind, with_jacobian)
+    value, jac = _kernel_forward(x, params, act, hidden, d_out, kind, with_jacobian)
     return value, x.new_empty(0) if jac is None else jac
 
 
@@ -212,11 +221,7 @@ def dense_backward_operator(x: Tensor, grad_value: Tensor, grad_jac: Tensor, par
                             hidden: List[int], d_out: int, kind: int,
                             with_jacobian: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The gradients of x, params and act of :func:`dense_operator` (act: its column 0, each beta)."""
-    grad_x, grad_params, grad_beta = kernels.dense_backward(x, grad_value, grad_jac if with_jacobian else None, params,
-                                                            _hidden_tensor(hidden), act, d_out, kind)
-    grad_act = torch.zeros_like(act)
-    grad_act[:, 0] = grad_beta
-    return grad_x, grad_params, grad_act
+    return _kernel_backward(x, grad_value, grad_jac if with_jacobian else None, params, act, hidden, d_out, kind)
 
 
 @dense_backward_operator.register_fake
