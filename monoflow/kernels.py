@@ -119,20 +119,27 @@ static inline T t_of_##SUFFIX(T u, T k) {                                       
     t = t < (T)-60 ? (T)-60 : t;                                                                  \
     return t > (T)0 ? (T)0 : t;                                                                   \
 }                                                                                                 \
+/* the negative branch's value, slope and curvature at t = k u, given e = exp(t) */               \
+static inline T pila_value_##SUFFIX(T t, T k, T e) {                                              \
+    return (((T)0.5 * t - (T)1) * t + (T)1) * t / k * e;                                          \
+}                                                                                                 \
+static inline T pila_slope_##SUFFIX(T t, T e) {                                                   \
+    return ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                                   \
+}                                                                                                 \
+static inline T pila_curvature_##SUFFIX(T t, T k, T e) {                                          \
+    return k * ((T)0.5 * t + (T)2) * t * t * e;                                                   \
+}                                                                                                 \
 static inline T value_##SUFFIX(T u, T k) {                                                        \
     T t = t_of_##SUFFIX(u, k);                                                                    \
-    T negative = (((T)0.5 * t - (T)1) * t + (T)1) * t / k * EXP(t);                               \
-    return u > (T)0 ? u : negative;                                                               \
+    return u > (T)0 ? u : pila_value_##SUFFIX(t, k, EXP(t));                                      \
 }                                                                                                 \
 static inline T slope_##SUFFIX(T u, T k) {                                                        \
     T t = t_of_##SUFFIX(u, k);                                                                    \
-    T negative = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * EXP(t);                        \
-    return u > (T)0 ? (T)1 : negative;                                                            \
+    return u > (T)0 ? (T)1 : pila_slope_##SUFFIX(t, EXP(t));                                      \
 }                                                                                                 \
 static inline T curvature_##SUFFIX(T u, T k) {                                                    \
     T t = t_of_##SUFFIX(u, k);                                                                    \
-    T negative = k * ((T)0.5 * t + (T)2) * t * t * EXP(t);                                        \
-    return u > (T)0 ? (T)0 : negative;                                                            \
+    return u > (T)0 ? (T)0 : pila_curvature_##SUFFIX(t, k, EXP(t));                               \
 }                                                                                                 \
                                                                                                   \
 void cpila_forward_##SUFFIX(const T* restrict x, T* restrict value, T* restrict slope,            \
@@ -186,9 +193,11 @@ static inline T sigmoid_##SUFFIX(T z) {                                         
 static inline T lipswish_value_##SUFFIX(T u, T beta) {                                            \
     return u * sigmoid_##SUFFIX(beta * u) / (T)1.1;                                               \
 }                                                                                                 \
+/* f'(u) 1.1 from s = sig(z), z = beta u */                                                       \
+static inline T swish_slope_##SUFFIX(T s, T z) { return s + z * s * ((T)1 - s); }                 \
 static inline T lipswish_slope_##SUFFIX(T u, T beta) {                                            \
-    T z = beta * u, s = sigmoid_##SUFFIX(z);                                                      \
-    return (s + z * s * ((T)1 - s)) / (T)1.1;                                                     \
+    T z = beta * u;                                                                               \
+    return swish_slope_##SUFFIX(sigmoid_##SUFFIX(z), z) / (T)1.1;                                 \
 }                                                                                                 \
                                                                                                   \
 void lipswish_forward_##SUFFIX(const T* restrict x, T* restrict value, T* restrict slope,         \
@@ -226,7 +235,7 @@ void lipswish_backward_##SUFFIX(const T* restrict x, const T* restrict grad_valu
             const T* gv = grad_value + (halves * b + h) * cols;                                   \
             for (int64_t j = 0; j < cols; ++j) {                                                  \
                 T u = sign * xb[j], z = beta * u, s = sigmoid_##SUFFIX(z), ds = s * ((T)1 - s);   \
-                gx[j] += sign * gv[j] * (s + z * ds) * c;                                         \
+                gx[j] += sign * gv[j] * swish_slope_##SUFFIX(s, z) * c;                           \
                 gb[j] += gv[j] * u * u * ds * c;                                                  \
             }                                                                                     \
             if (grad_slope) {                                                                     \
@@ -267,10 +276,8 @@ static inline void dot_lanes_##SUFFIX(T* lanes, const T* a, const T* b) {       
         for (int64_t q = 0; q < 16; ++q) lanes[q] += a[r + q] * b[r + q];                         \
 }                                                                                                 \
 static inline T dot_rows_##SUFFIX(const T* a, const T* b) {                                       \
-    T lanes[16] = {0};                                                                            \
-    for (int64_t r = 0; r < DENSE_ROWS; r += 16)                                                  \
-        for (int64_t q = 0; q < 16; ++q) lanes[q] += a[r + q] * b[r + q];                         \
-    T s = 0;                                                                                      \
+    T lanes[16] = {0}, s = 0;                                                                     \
+    dot_lanes_##SUFFIX(lanes, a, b);                                                              \
     for (int64_t q = 0; q < 16; ++q) s += lanes[q];                                               \
     return s;                                                                                     \
 }                                                                                                 \
@@ -286,21 +293,19 @@ static void dense_activate_##SUFFIX(int64_t kind, const T* a, const T* h, T* v1,
             T* v = half ? v2 : v1; T* s = half ? s2 : s1;                                         \
             for (int64_t r = 0; r < R; ++r) {                                                     \
                 T u = sign * h[r] - shift, t = t_of_##SUFFIX(u, k), e = EXP(t);                   \
-                T vn = (((T)0.5 * t - (T)1) * t + (T)1) * t / k * e;                              \
-                T sn = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                       \
-                v[r] = (u > (T)0 ? u : vn) * c;                                                   \
-                s[r] = sign * (u > (T)0 ? (T)1 : sn) * c;                                         \
+                v[r] = (u > (T)0 ? u : pila_value_##SUFFIX(t, k, e)) * c;                         \
+                s[r] = sign * (u > (T)0 ? (T)1 : pila_slope_##SUFFIX(t, e)) * c;                  \
             }                                                                                     \
         }                                                                                         \
     } else {                                                                                      \
         const T beta = a[0], c = a[1] / (T)1.1;                                                   \
-        for (int64_t r = 0; r < R; ++r) { /* one sigmoid per half gives value and slope */        \
-            T z = beta * h[r], sg = sigmoid_##SUFFIX(z);                                          \
-            v1[r] = h[r] * sg * c; s1[r] = (sg + z * sg * ((T)1 - sg)) * c;                       \
-        }                                                                                         \
-        for (int64_t r = 0; r < R; ++r) {                                                         \
-            T z = -beta * h[r], sg = sigmoid_##SUFFIX(z);                                         \
-            v2[r] = -h[r] * sg * c; s2[r] = -(sg + z * sg * ((T)1 - sg)) * c;                     \
+        for (int64_t half = 0; half < 2; ++half) { /* one sigmoid per element gives value and slope */\
+            const T sign = half ? (T)-1 : (T)1;                                                   \
+            T* v = half ? v2 : v1; T* s = half ? s2 : s1;                                         \
+            for (int64_t r = 0; r < R; ++r) {                                                     \
+                T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z);                        \
+                v[r] = u * sg * c; s[r] = sign * swish_slope_##SUFFIX(sg, z) * c;                 \
+            }                                                                                     \
         }                                                                                         \
     }                                                                                             \
 }                                                                                                 \
@@ -319,16 +324,13 @@ static void dense_activation_backward_##SUFFIX(int64_t kind, const T* a, const T
             if (gs) {                                                                             \
                 for (int64_t r = 0; r < R; ++r) {                                                 \
                     T u = sign * h[r] - shift, t = t_of_##SUFFIX(u, k), e = EXP(t);               \
-                    T sn = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                   \
-                    T cn = k * ((T)0.5 * t + (T)2) * t * t * e;                                   \
-                    s[r] = sign * (u > (T)0 ? (T)1 : sn) * c;                                     \
-                    gh[r] += gv[r] * s[r] + gs[r] * (u > (T)0 ? (T)0 : cn) * c;                   \
+                    s[r] = sign * (u > (T)0 ? (T)1 : pila_slope_##SUFFIX(t, e)) * c;              \
+                    gh[r] += gv[r] * s[r] + gs[r] * (u > (T)0 ? (T)0 : pila_curvature_##SUFFIX(t, k, e)) * c;\
                 }                                                                                 \
             } else {                                                                              \
                 for (int64_t r = 0; r < R; ++r) {                                                 \
                     T u = sign * h[r] - shift, t = t_of_##SUFFIX(u, k), e = EXP(t);               \
-                    T sn = ((((T)0.5 * t + (T)0.5) * t - (T)1) * t + (T)1) * e;                   \
-                    s[r] = sign * (u > (T)0 ? (T)1 : sn) * c;                                     \
+                    s[r] = sign * (u > (T)0 ? (T)1 : pila_slope_##SUFFIX(t, e)) * c;              \
                     gh[r] += gv[r] * s[r];                                                        \
                 }                                                                                 \
             }                                                                                     \
@@ -346,14 +348,14 @@ static void dense_activation_backward_##SUFFIX(int64_t kind, const T* a, const T
             for (int64_t r = 0; r < R; ++r) {                                                     \
                 T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg); \
                 T bend = (T)2 + z * ((T)1 - (T)2 * sg);                                           \
-                s[r] = sign * (sg + z * ds) * c;                                                  \
+                s[r] = sign * swish_slope_##SUFFIX(sg, z) * c;                                    \
                 gh[r] += gv[r] * s[r] + gs[r] * beta * ds * bend * c;                             \
                 work[r] += (gv[r] * u * u + sign * gs[r] * u * bend) * ds * c;                    \
             }                                                                                     \
         } else {                                                                                  \
             for (int64_t r = 0; r < R; ++r) {                                                     \
                 T u = sign * h[r], z = beta * u, sg = sigmoid_##SUFFIX(z), ds = sg * ((T)1 - sg); \
-                s[r] = sign * (sg + z * ds) * c;                                                  \
+                s[r] = sign * swish_slope_##SUFFIX(sg, z) * c;                                    \
                 gh[r] += gv[r] * s[r];                                                            \
                 work[r] += gv[r] * u * u * ds * c;                                                \
             }                                                                                     \
