@@ -891,9 +891,7 @@ def _dense_call(name: str, rows: int, row_tensors: Sequence[Optional[Tensor]], s
     pointer), then ``accumulators`` (summed into, one private copy per thread), then ``shared``;
     at least :data:`DENSE_PARALLEL_ROWS` rows are split over torch's threads. Raises ``MemoryError``
     when the kernel could not allocate its block buffers."""
-    workers = min(torch.get_num_threads(), max(1, rows // (DENSE_PARALLEL_ROWS // 2)))
-    if rows < DENSE_PARALLEL_ROWS:
-        workers = 1
+    workers = 1 if rows < DENSE_PARALLEL_ROWS else min(torch.get_num_threads(), rows // (DENSE_PARALLEL_ROWS // 2))
     if any(_in_row_blocks(_functions[(name, shared[-1].dtype)], rows, workers, row_tensors, integers,
                           accumulators, shared)):
         raise MemoryError(f"monoflow.kernels.{name}: out of memory for its block buffers")
