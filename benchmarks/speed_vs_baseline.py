@@ -13,6 +13,13 @@ Reported per case: the median seconds per step of each side over the timed round
 round, which includes compiling, is not timed), their ratio (``speedup`` = baseline / current),
 each side's compile seconds, and the loss check.
 
+Compiled cases compile into a fresh, empty ``TORCHINDUCTOR_CACHE_DIR`` that both sides share
+(``--compile-cache fresh``, the default), as on a new machine: graphs loaded from a cache that
+other runs had filled measured slower than the same graphs compiled afresh (compiled
+i-DenseNet, 2026-12-07: 20.1 ms per step from the machine's cache, 15.1 ms from a fresh one, the
+baseline 15.5 and 15.6; the cause is not established), which made a side's time depend on what
+its cache held. ``--compile-cache machine`` uses the machine's cache instead.
+
 Usage::
 
     python benchmarks/speed_vs_baseline.py                                   # default cases, baseline 623a4ed
@@ -168,6 +175,8 @@ def main(argv: Any = None) -> int:
                         help="pin both workers to these CPU cores (e.g. the one that no other job uses)")
     parser.add_argument("--update", action="store_true",
                         help="keep the other cases of an existing report at --output (same baseline); replace these")
+    parser.add_argument("--compile-cache", choices=("fresh", "machine"), default="fresh",
+                        help="compiled cases: a fresh cache folder shared by both sides (default), or the machine's")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -196,9 +205,20 @@ def main(argv: Any = None) -> int:
         report["runs"] = [run for run in earlier["runs"] if run["case"] not in args.cases]
     for case in args.cases:
         steps = args.steps or (4 if case.startswith("regression") else 20)
-        row = compare(case, baseline_root, args.rounds, steps, args.threads, args.cpus)
+        compiled = case.endswith(":compiled")
+        previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        with tempfile.TemporaryDirectory(prefix="monoflow_compile_cache_") as fresh_cache:
+            if compiled and args.compile_cache == "fresh":
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh_cache  # the workers inherit it
+            try:
+                row = compare(case, baseline_root, args.rounds, steps, args.threads, args.cpus)
+            finally:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                if previous_cache is not None:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_cache
         row["measured"] = {"created": report["provenance"]["created"], "commit": report["provenance"]["git_commit"],
-                           "load_average_at_start": report["load_average_at_start"], "pinned_cpus": args.cpus}
+                           "load_average_at_start": report["load_average_at_start"], "pinned_cpus": args.cpus,
+                           "compile_cache": args.compile_cache if compiled else None}
         report["runs"].append(row)
         print(f"{case:28s} baseline {1000 * row['baseline_s_per_step']:8.1f} ms  current "
               f"{1000 * row['current_s_per_step']:8.1f} ms  x{row['speedup']:.2f}  "

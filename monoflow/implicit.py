@@ -117,6 +117,24 @@ def _checked_options(sign: float, forward: Optional[SolverOptions],
     return forward, adjoint
 
 
+def _takes_jacobian(g: nn.Module, z_star: Tensor, adjoint: SolverOptions, jacobian_at_solution: bool) -> bool:
+    """Whether the graph evaluation at the solution also leaves the Jacobian for a direct adjoint."""
+    return (jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian")
+            and z_star.dim() == 2)
+
+
+def _one_pass(g: nn.Module) -> Optional[Callable[[Tensor], Optional[Tuple[Tensor, Tensor]]]]:
+    """``g.value_and_detached_jacobian``: where it returns a pair, the value with its graph and the
+    detached Jacobian in about the cost of a value and one vector-Jacobian product."""
+    return getattr(g, "value_and_detached_jacobian", None)
+
+
+def _cache_jacobian(jacobian_cache: Optional[dict], jacobian: Tensor) -> dict:
+    jacobian_cache = {} if jacobian_cache is None else jacobian_cache
+    jacobian_cache["jacobian"] = jacobian.detach()
+    return jacobian_cache
+
+
 def _evaluate_at_solution(g: nn.Module, z_star: Tensor, adjoint: SolverOptions, jacobian_cache: Optional[dict],
                           jacobian_at_solution: bool) -> Tuple[Tensor, Tensor, Optional[dict]]:
     """``(z_leaf, g(z_leaf), jacobian_cache)``: one evaluation of g at the solution, with graph.
@@ -125,24 +143,60 @@ def _evaluate_at_solution(g: nn.Module, z_star: Tensor, adjoint: SolverOptions, 
     vector-Jacobian products of an iterative adjoint. With ``jacobian_at_solution`` and a direct
     adjoint it also leaves the detached Jacobian in ``jacobian_cache`` (a new dict if ``None``).
     """
-    take_jacobian = (jacobian_at_solution and adjoint.method == "direct" and hasattr(g, "jacobian")
-                     and z_star.dim() == 2)
-    # of a scalar map, one vector-Jacobian product is the whole (1 x 1) Jacobian, cheaper than
+    take_jacobian = _takes_jacobian(g, z_star, adjoint, jacobian_at_solution)
+    one_pass = _one_pass(g) if take_jacobian else None
+    z_leaf = z_star.detach()
+    pair = None if one_pass is None else one_pass(z_leaf)
+    # else, of a scalar map, one vector-Jacobian product is the whole (1 x 1) Jacobian, cheaper than
     # propagating it forward through the layers
-    scalar_jacobian = take_jacobian and z_star.shape[1] == 1
-    z_leaf = z_star.detach().requires_grad_(adjoint.method != "direct" or scalar_jacobian)
-    if scalar_jacobian:
+    scalar_jacobian = take_jacobian and pair is None and z_star.shape[1] == 1
+    z_leaf.requires_grad_(adjoint.method != "direct" or scalar_jacobian)
+    if pair is not None:
+        g_star, J = pair
+    elif scalar_jacobian:
         g_star = g(z_leaf)
         (slope,) = torch.autograd.grad(g_star, z_leaf, torch.ones_like(g_star), retain_graph=True)
-        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
-        jacobian_cache["jacobian"] = slope.detach().unsqueeze(-1)
+        J = slope.unsqueeze(-1)
     elif take_jacobian:
         g_star, J = g.jacobian(z_leaf)
-        jacobian_cache = {} if jacobian_cache is None else jacobian_cache
-        jacobian_cache["jacobian"] = J.detach()
     else:
         g_star = g(z_leaf)
+    if take_jacobian:
+        jacobian_cache = _cache_jacobian(jacobian_cache, J)
     return z_leaf, g_star, jacobian_cache
+
+
+class _FirstEvaluation:
+    r"""The scalar solve's first evaluation of g, at the first false-position points :math:`z_1`,
+    recorded with its graph and Jacobian (:func:`_one_pass`). A sample that converges there has
+    the solution :math:`b - s\,g(z_1)`, which is then also its graph evaluation: the separate
+    evaluation at the solution is saved for all but the few samples that iterate further."""
+
+    def __init__(self, one_pass: Callable[[Tensor], Optional[Tuple[Tensor, Tensor]]], g: nn.Module) -> None:
+        self.one_pass, self.g = one_pass, g
+        self.pair: Optional[Tuple[Tensor, Tensor]] = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        with torch.enable_grad():
+            self.pair = self.one_pass(z)
+        return self.g(z) if self.pair is None else self.pair[0].detach()
+
+    def graph_at_solution(self, z_star: Tensor, info: SolverInfo, jacobian_cache: Optional[dict]
+                          ) -> Optional[Tuple[Tensor, Tensor, dict]]:
+        """``(z_leaf, g_star, jacobian_cache)`` as :func:`_evaluate_at_solution` returns them, with the
+        samples that needed more than one iteration evaluated again at their solution; ``None`` where
+        the first evaluation recorded no graph."""
+        if self.pair is None:
+            return None
+        g_star, jacobian = self.pair
+        again = ((info.iterations > 1) | ~info.converged).nonzero().squeeze(1)
+        if again.numel():
+            pair = self.one_pass(z_star[again])
+            if pair is None:
+                return None
+            g_star = g_star.index_put((again,), pair[0])
+            jacobian = jacobian.index_put((again,), pair[1])
+        return z_star.detach(), g_star, _cache_jacobian(jacobian_cache, jacobian)
 
 
 def _adjoint_hook(g: nn.Module, z_star: Tensor, z_leaf: Tensor, g_star: Tensor, sign: float,
@@ -224,9 +278,13 @@ def solve_resolvent(
 
     # the solvers are called from here, not from a helper: their failure warnings' stacklevel
     # points at the caller of this function
+    first = None
+    if forward.method == "scalar" and _needs_graph(b, g) and _takes_jacobian(g, b_const, adjoint, jacobian_at_solution):
+        one_pass = _one_pass(g)
+        first = None if one_pass is None else _FirstEvaluation(one_pass, g)
     with torch.no_grad():
         if forward.method == "scalar":
-            z_star, info = scalar_resolvent_solve(g, b_const, sign, forward)
+            z_star, info = scalar_resolvent_solve(g, b_const, sign, forward, first_evaluation=first)
         elif z0 is None and forward.start == "newton":
             z_star, info = fixed_point_solve(step, newton_start(g, b_const, sign, forward.newton_steps), forward)
             info = replace(info, evaluations=info.evaluations + forward.newton_steps)  # the start's Jacobian passes
@@ -237,8 +295,9 @@ def solve_resolvent(
     if not _needs_graph(b, g):
         return z_star
 
-    z_leaf, g_star, jacobian_cache = _evaluate_at_solution(g, z_star, adjoint, jacobian_cache,
-                                                           jacobian_at_solution)
+    evaluated = None if first is None else first.graph_at_solution(z_star, info, jacobian_cache)
+    z_leaf, g_star, jacobian_cache = evaluated or _evaluate_at_solution(g, z_star, adjoint, jacobian_cache,
+                                                                        jacobian_at_solution)
     z = b - sign * g_star
     z.register_hook(_adjoint_hook(g, z_star, z_leaf, g_star, sign, adjoint, jacobian_cache, record))
     # Return a view: vector-Jacobian products taken *with respect to* the returned tensor (the

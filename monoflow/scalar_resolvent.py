@@ -22,7 +22,7 @@ iteration contracts only by :math:`\mathrm{Lip}(g)` per step. Select it with
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -82,8 +82,8 @@ def _illinois_update(z: Tensor, r: Tensor, z_left: Tensor, z_right: Tensor, r_le
     return z_left, z_right, r_left, r_right, last_side
 
 
-def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float,
-                           options: SolverOptions) -> tuple[Tensor, SolverInfo]:
+def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float, options: SolverOptions,
+                           first_evaluation: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, SolverInfo]:
     """Solve :math:`z + s\\,g(z) = b` for a batch of one-element samples (no autograd).
 
     Args:
@@ -92,6 +92,9 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
         sign: s, +1 or -1.
         options: ``table_points``, tolerances, ``max_iterations`` (per sample, after the table)
             and ``on_failure`` are used.
+        first_evaluation: called instead of g at the first false-position points (every sample,
+            shaped like ``b``); the caller may record a graph there (:func:`monoflow.implicit.solve_resolvent`
+            does, so that samples converged after one iteration need no evaluation at the solution).
 
     Returns:
         ``(z, info)`` as :func:`monoflow.solvers.fixed_point_solve` returns them: z is
@@ -108,8 +111,8 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
     rhs = b.reshape(-1)
     batch = rhs.shape[0]
 
-    def signed_g(z: Tensor) -> Tensor:
-        return sign * g(z.reshape((-1,) + sample_shape)).reshape(-1)
+    def signed_g(z: Tensor, network: Callable[[Tensor], Tensor] = g) -> Tensor:
+        return sign * network(z.reshape((-1,) + sample_shape)).reshape(-1)
 
     def h(z: Tensor) -> Tensor:
         return z + signed_g(z)
@@ -125,9 +128,9 @@ def scalar_resolvent_solve(g: Callable[[Tensor], Tensor], b: Tensor, sign: float
     active = torch.arange(batch, device=rhs.device)
     # which end the last step replaced: -1 left, +1 right, 0 none yet (for the Illinois rule)
     last_side = torch.zeros(batch, dtype=torch.int8, device=rhs.device)
-    for _ in range(options.max_iterations):
+    for iteration in range(options.max_iterations):
         z = _false_position(z_left, z_right, r_left, r_right)
-        f_z = rhs - signed_g(z)
+        f_z = rhs - signed_g(z, first_evaluation if iteration == 0 and first_evaluation is not None else g)
         evaluations += 1
         r = z - f_z  # h(z) - b
         done = r.abs() <= atol + rtol * f_z.abs()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from monoflow.activations import make_activation
 from monoflow.lipschitz.chain import _propagate_jacobian
+from monoflow.lipschitz.dense_buffered import buffered_applicable, buffered_jacobian, buffered_supported, buffered_value
 from monoflow.lipschitz.dense_fused import (fused_applicable, fused_jacobian, fused_newton, fused_value,
                                             operator_value_and_jacobian, pack_parameters)
 from monoflow.lipschitz.dense_fused import supported as fused_supported
@@ -178,8 +179,10 @@ class DenseNet(nn.Module):
         # exact types: subclasses may change what a layer computes
         self._flat = type(last) is SpectralNormLinear and all(
             type(layer) is LipschitzDenseLayer and type(layer.linear) is SpectralNormLinear for layer in dense)
-        # whether the fused kernels compute this network, asked at every evaluation: fixed, like _flat
+        # whether the fused kernels, or the feature buffers, compute this network, asked at every
+        # evaluation: fixed, like _flat
         self._fused_supported = fused_supported(self)
+        self._buffered_supported = buffered_supported(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._flat and x.dim() == 2:
@@ -190,7 +193,11 @@ class DenseNet(nn.Module):
                 return fused_value(self, x, self._fused_parameters(x.shape[1]))
             if self._kernel_operators(x):
                 return operator_value_and_jacobian(self, x, self._fused_parameters(x.shape[1]), False)[0]
-            return self._forward_into_buffer(x) if not torch.is_grad_enabled() else self._forward_folded(x)
+            if not torch.is_grad_enabled():
+                return self._forward_into_buffer(x)
+            if buffered_applicable(self, x) and not x.requires_grad and not torch.compiler.is_compiling():
+                return buffered_value(self, x, self._fused_parameters(x.shape[1]))
+            return self._forward_folded(x)
         for layer in self.layers:
             x = layer(x)
         return x
@@ -302,6 +309,8 @@ class DenseNet(nn.Module):
             return fused_jacobian(self, w, self._fused_parameters(w.shape[1]))
         if self._kernel_operators(w):
             return operator_value_and_jacobian(self, w, self._fused_parameters(w.shape[1]), True)  # type: ignore[return-value]
+        if not torch.is_grad_enabled() and buffered_applicable(self, w) and not torch.compiler.is_compiling():
+            return buffered_jacobian(self, w, self._fused_parameters(w.shape[1]))
         # the eta's folded into the next layers' weights (see _scaled_weights): no rescaling of
         # batch-sized features and Jacobians, and cheap gradients for learnable concatenation
         eager_no_grad = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -314,6 +323,21 @@ class DenseNet(nn.Module):
             pre, pre_jac = F.linear(x, weight, layer.linear.bias), F.linear(jac, weight)
             x, jac = dense_layer_output(layer.activation, x, pre, 1.0, 1.0, jac, pre_jac)
         return F.linear(x, weights[-1], last.bias), F.linear(jac, weights[-1]).transpose(1, 2)
+
+    def value_and_detached_jacobian(self, w: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        r"""``(g(w), dg/dw)`` with the value differentiable and the Jacobian detached, in one pass that
+        costs about a value and one vector-Jacobian product (the fused kernel, or the feature buffers of
+        :mod:`~monoflow.lipschitz.dense_buffered`, whose backward then runs without the tangents); ``None``
+        where neither applies. The direct adjoint of a solve takes its Jacobian from here."""
+        if torch.compiler.is_compiling():
+            return None
+        if fused_applicable(self, w):
+            value, jac = fused_jacobian(self, w, self._fused_parameters(w.shape[1]))
+        elif buffered_applicable(self, w):
+            value, jac = buffered_jacobian(self, w, self._fused_parameters(w.shape[1]))
+        else:
+            return None
+        return value, jac.detach()
 
     def fused_newton(self, b: torch.Tensor, sign: float, steps: int) -> Optional[torch.Tensor]:
         r"""``steps`` Newton steps for :math:`z + s\,g(z) = b` from :math:`z = b` in one fused kernel call

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from monoflow import kernels
 from monoflow.activations import CLipSwish, CPila
 
-__all__ = ["supported", "fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "pack_parameters",
-           "operator_value_and_jacobian", "dense_operator", "dense_backward_operator", "dense_newton_operator"]
+__all__ = ["supported", "fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "plain_backward",
+           "pack_parameters", "layer_parameters", "activation_value_and_slope", "operator_value_and_jacobian",
+           "dense_operator", "dense_backward_operator", "dense_newton_operator"]
 
 _KINDS = {CPila: kernels.DENSE_ACTIVATIONS["cpila"], CLipSwish: kernels.DENSE_ACTIVATIONS["clipswish"]}
 
@@ -74,11 +75,12 @@ def fused_applicable(net: nn.Module, x: Tensor) -> bool:
     return x.shape[1] == first.linear.in_features and x.dtype == last.weight.dtype and kernels.applicable(x)
 
 
-def pack_parameters(net: nn.Module, weights: Sequence[Tensor]) -> Tuple[Tensor, Tuple[int, ...], Tensor, int]:
+def pack_parameters(net: nn.Module, weights: Sequence[Tensor]) -> Tuple[Tensor, Tuple[int, ...], Tensor, Optional[int]]:
     r"""``(params, hidden, act, kind)``: the folded ``weights`` and the biases packed in one tensor
     (differentiable where they are), the hidden widths, each layer's activation constants
     (layers, 3): CPila :math:`(k, \text{shift}, 1/\text{scale})`, CLipSwish
-    :math:`(\beta, 1/\text{scale}, 0)` with :math:`\beta` differentiable, and the activation code."""
+    :math:`(\beta, 1/\text{scale}, 0)` with :math:`\beta` differentiable, zeros for other
+    activations, and the kernels' activation code (``None`` where the kernels do not apply)."""
     *dense, last = net.layers
     parts: List[Tensor] = []
     for layer, weight in zip(dense, weights):
@@ -89,10 +91,34 @@ def pack_parameters(net: nn.Module, weights: Sequence[Tensor]) -> Tuple[Tensor, 
     kind = _kind(activations)
     if kind == kernels.DENSE_ACTIVATIONS["cpila"]:
         act = torch.tensor([[a.k, a.shift, 1.0 / a.scale] for a in activations], dtype=params.dtype)
-    else:
+    elif kind == kernels.DENSE_ACTIVATIONS["clipswish"]:
         zero = params.new_zeros(())
         act = torch.stack([torch.stack([a.beta.to(params.dtype), zero + 1.0 / a.scale, zero]) for a in activations])
+    else:
+        act = params.new_zeros(len(activations), 3)
     return params, hidden, act, kind
+
+
+def layer_parameters(net: nn.Module, params: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    """Each layer's ``(weight, bias)`` as views of the packed ``params`` (:func:`pack_parameters`)."""
+    *dense, last = net.layers
+    views, offset = [], 0
+    for linear in [layer.linear for layer in dense] + [last]:
+        rows, columns = linear.out_features, linear.in_features
+        weight = params[offset:offset + rows * columns].view(rows, columns)
+        offset += rows * columns
+        views.append((weight, params[offset:offset + rows]))
+        offset += rows
+    return views
+
+
+def activation_value_and_slope(activation: nn.Module, pre: Tensor, beta: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The activation's value and slope at ``pre`` (for CLipSwish-type activations, at ``beta``)."""
+    if beta is not None:
+        return activation.forward_with_beta(pre, beta), activation.derivative_with_beta(pre, beta)
+    if hasattr(activation, "value_and_derivative"):
+        return activation.value_and_derivative(pre)
+    return activation(pre), activation.derivative(pre)
 
 
 def plain_dense(net: nn.Module, x: Tensor, params: Tensor, act: Tensor,
@@ -101,30 +127,38 @@ def plain_dense(net: nn.Module, x: Tensor, params: Tensor, act: Tensor,
     *dense, last = net.layers
     batch, width = x.shape
     features = x
-    tangents = torch.eye(width, dtype=x.dtype).expand(batch, width, width) if with_jacobian else None
-    offset = 0
+    tangents = torch.eye(width, dtype=x.dtype, device=x.device).expand(batch, width, width) if with_jacobian else None
+    views = layer_parameters(net, params)
     with kernels.enabled(False):
-        for index, layer in enumerate(dense):
-            hidden = layer.linear.out_features
-            weight = params[offset:offset + hidden * width].view(hidden, width)
-            bias = params[offset + hidden * width:offset + hidden * (width + 1)]
-            offset += hidden * (width + 1)
+        for index, (layer, (weight, bias)) in enumerate(zip(dense, views)):
             pre = F.linear(features, weight, bias)
             activation = layer.activation
-            if isinstance(activation, CLipSwish):
-                value = activation.forward_with_beta(pre, act[index, 0])
-                slope = activation.derivative_with_beta(pre, act[index, 0]) if with_jacobian else None
-            else:
-                value, slope = activation.value_and_derivative(pre)
+            beta = act[index, 0] if isinstance(activation, CLipSwish) else None
+            value, slope = activation_value_and_slope(activation, pre, beta)
             features = torch.cat([features, value], dim=1)
             if tangents is not None:
                 pre_tangents = F.linear(tangents, weight)
-                tangents = torch.cat([tangents, slope.unsqueeze(1) * torch.cat([pre_tangents] * 2, dim=2)], dim=2)
-            width += 2 * hidden
-    out_features = last.out_features
-    weight = params[offset:offset + out_features * width].view(out_features, width)
-    value = F.linear(features, weight, params[offset + out_features * width:])
+                if activation.concatenates:
+                    pre_tangents = torch.cat([pre_tangents] * 2, dim=2)
+                tangents = torch.cat([tangents, slope.unsqueeze(1) * pre_tangents], dim=2)
+    weight, bias = views[-1]
+    value = F.linear(features, weight, bias)
     return value, None if tangents is None else F.linear(tangents, weight).transpose(1, 2)
+
+
+def plain_backward(net: nn.Module, inputs: Tuple[Tensor, Tensor, Tensor], needed: Sequence[bool], with_jacobian: bool,
+                   grad_value: Optional[Tensor], grad_jac: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of ``(x, params, act)`` through :func:`plain_dense`, recorded where grad mode is on
+    (a backward that is itself differentiated; the saved inputs carry their own history)."""
+    x, params, act = inputs
+    record = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = inputs if record else tuple(t.detach().requires_grad_(need) for t, need in zip(inputs, needed))
+        value, jac = plain_dense(net, *leaves, with_jacobian)
+    outputs, grads = zip(*[(o, g) for o, g in ((value, grad_value), (jac, grad_jac)) if o is not None and g is not None])
+    found = iter(torch.autograd.grad(outputs, [t for t, need in zip(leaves, needed) if need], grads,
+                                     create_graph=record, allow_unused=True))
+    return tuple(next(found) if need else None for need in needed)
 
 
 def _kernel_forward(x: Tensor, params: Tensor, act: Tensor, hidden: Sequence[int], d_out: int, kind: int,
@@ -160,21 +194,14 @@ class _FusedDense(torch.autograd.Function):
         x, params, act = ctx.saved_tensors
         net, hidden, kind, with_jacobian = ctx.constants
         if torch.is_grad_enabled():
-            # the saved inputs carry their own history: the gradients below are differentiable in them
-            value, jac = plain_dense(net, x, params, act, with_jacobian)
-            outputs, grads = zip(*[(o, g) for o, g in ((value, grad_value), (jac, grad_jac))
-                                   if o is not None and g is not None])
-            needed = ctx.needs_input_grad[:3]
-            found = iter(torch.autograd.grad(outputs, [t for t, need in zip((x, params, act), needed) if need],
-                                             grads, create_graph=True, allow_unused=True))
-            grad_x, grad_params, grad_act = (next(found) if need else None for need in needed)
-            return grad_x, grad_params, grad_act, None, None, None, None
+            return (*plain_backward(net, (x, params, act), ctx.needs_input_grad[:3], with_jacobian, grad_value, grad_jac),
+                    None, None, None, None)
         grad_x, grad_params, grad_act = _kernel_backward(x, grad_value, grad_jac, params, act, hidden,
                                                          net.layers[-1].out_features, kind)
         return grad_x, grad_params, grad_act if ctx.needs_input_grad[2] else None, None, None, None, None
 
 
-Packed = Tuple[Tensor, Tuple[int, ...], Tensor, int]
+Packed = Tuple[Tensor, Tuple[int, ...], Tensor, Optional[int]]
 
 
 def _evaluate(net: nn.Module, x: Tensor, packed: Packed, with_jacobian: bool):
