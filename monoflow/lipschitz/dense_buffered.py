@@ -52,7 +52,7 @@ def buffered_applicable(net: nn.Module, x: Tensor) -> bool:
 def _forward(net: nn.Module, x: Tensor, params: Tensor,
              with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor], Tensor, List[Tensor]]:
     r"""``(g(x), dg/dx or None, features u, states)``, without autograd; a layer's state is what its
-    backward needs: the pre-activation for CReLU, the slope :math:`a'(h_\ell)` otherwise."""
+    backward needs: the masks of :math:`h_\ell > 0` and :math:`h_\ell < 0` for CReLU, the slope :math:`a'(h_\ell)` otherwise."""
     *dense, last = net.layers
     views = layer_parameters(net, params)
     batch, dim = x.shape
@@ -68,17 +68,17 @@ def _forward(net: nn.Module, x: Tensor, params: Tensor,
         activation = layer.activation
         pre = torch.addmm(bias, features[:, :width], weight.t())
         pre_tangents = None if tangents is None else torch.mm(tangents[:, :width], weight.t()).view(dim, batch, -1)
-        if type(activation) is CReLU:  # [relu(h), relu(-h)] written in place, no slope tensor
+        if type(activation) is CReLU:  # [relu(h), relu(-h)] written in place; its slopes as two 0/1 masks
             added = 2 * pre.shape[1]
             half = width + added // 2
             torch.clamp_min(pre, 0.0, out=features[:, width:half])
             torch.clamp_max(pre, 0.0, out=features[:, half:width + added]).neg_()
+            positive, negative = (pre > 0).to(pre.dtype), (pre < 0).to(pre.dtype)
             if pre_tangents is not None:
                 out = tangents.view(dim, batch, -1)  # type: ignore[union-attr]
-                zero = pre.new_zeros(())
-                torch.where(pre > 0, pre_tangents, zero, out=out[:, :, width:half])
-                torch.where(pre < 0, pre_tangents, zero, out=out[:, :, half:width + added]).neg_()
-            states.append(pre)
+                torch.mul(pre_tangents, positive, out=out[:, :, width:half])
+                torch.mul(pre_tangents, negative, out=out[:, :, half:width + added]).neg_()
+            states.append(torch.stack([positive, negative]))
         else:
             value, slope = activation_value_and_slope(activation, pre)
             added = value.shape[1]
@@ -121,12 +121,12 @@ def _backward(net: nn.Module, params: Tensor, features: Tensor, states: List[Ten
     for layer, (grad_weight, grad_bias), state, count in zip(reversed(dense), reversed(grad_views[:-1]),
                                                              reversed(states), reversed(rows[:-1])):
         crelu = type(layer.activation) is CReLU
-        added = 2 * state.shape[1] if crelu else state.shape[1]
+        added = 2 * state.shape[2] if crelu else state.shape[1]
         width -= added
         delta = torch.mm(grad_pre[:, :end], stacked[:end, width:width + added])
         half = added // 2
-        if crelu:  # the pre-activation is the state
-            delta = delta[:, :half] * (state > 0) - delta[:, half:] * (state < 0)
+        if crelu:  # the state: the masks of h > 0 and h < 0
+            delta = delta[:, :half] * state[0] - delta[:, half:] * state[1]
         else:
             delta.mul_(state)
             if layer.activation.concatenates:
