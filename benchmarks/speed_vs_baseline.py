@@ -79,6 +79,12 @@ def _worker(case: str, threads: int, cpus: List[int]) -> None:
     from monoflow.lipschitz import set_learnable_concat
 
     torch.set_num_threads(threads)
+    try:  # as the training commands do (the baseline predates monoflow.allocator)
+        from monoflow.allocator import retain_freed_memory
+    except ImportError:
+        pass
+    else:
+        retain_freed_memory()
     if cpus:  # both sides on the same cores: neither gets a quieter core than the other
         os.sched_setaffinity(0, cpus)
     kind, model_name, *mode = case.split(":")

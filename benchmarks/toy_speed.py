@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from monoflow.allocator import retain_freed_memory
 from monoflow.experiments.config import REGRESSION_MODELS, TOY_MODELS, regression_config, toy_config
 from monoflow.experiments.regression1d import RegressionExperiment
 from monoflow.experiments.results import summarize_solver
@@ -235,6 +236,7 @@ def main(argv: Any = None) -> int:
                         help="add the number of torch operators per iteration (torch.profiler, 3 more iterations)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "toy_speed.json")
     args = parser.parse_args(argv)
+    retain_freed_memory()  # as the training loop does (monoflow.allocator)
 
     report = benchmark_report("cpu", machine=platform.processor() or platform.machine(),
                               targets_s_per_iteration={"toy2d": TOY_TARGET_S, "regression1d": REGRESSION_TARGET_S})

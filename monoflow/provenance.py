@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
+from monoflow.allocator import allocator_state
+
 __all__ = ["provenance", "git_commit", "device_description", "cpu_kernels", "machine_of", "benchmark_report", "save_benchmark_report",
            "compare_timings", "run_benchmark"]
 
@@ -90,6 +92,7 @@ def provenance(device: Union[str, torch.device] = "cpu", **extra: Any) -> Dict[s
         "device": device_description(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_kernels": cpu_kernels(),
+        "cpu_allocator": allocator_state(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }

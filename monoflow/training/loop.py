@@ -27,6 +27,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from monoflow.allocator import retain_freed_memory
 from monoflow.checkpoint import stop_on_signals
 
 __all__ = ["RunLog", "LoopState", "TrainingRun", "train_run", "session_entry", "non_finite_parameters", "TrainingDiverged"]
@@ -122,9 +123,9 @@ def non_finite_parameters(model: torch.nn.Module) -> List[str]:
 
 def session_entry(provenance: Dict[str, Any], step: int, notes: Dict[str, Any]) -> Dict[str, Any]:
     """One entry of a run's ``sessions``: where it (re)started, on which commit, device, CPU kernels
-    (fused or plain: they change CPU timings) and time."""
-    return {"iteration": step, **{key: provenance[key] for key in ("git_commit", "device", "cpu_kernels", "created",
-                                                                   "command") if key in provenance}, **notes}
+    and allocator (they change CPU timings) and time."""
+    return {"iteration": step, **{key: provenance[key] for key in ("git_commit", "device", "cpu_kernels", "cpu_allocator",
+                                                                   "created", "command") if key in provenance}, **notes}
 
 
 def train_run(run: TrainingRun, progress: bool = True, stop_after: Optional[int] = None,
@@ -153,6 +154,7 @@ def train_run(run: TrainingRun, progress: bool = True, stop_after: Optional[int]
         finished = run.finished_record()  # finished meanwhile by another process
         if finished is not None:
             return finished
+        retain_freed_memory()  # CPU steps reuse their freed tensors instead of mapping them afresh
         run.prepare()
         notes = run.session_notes()
         run.state.sessions.append(session_entry(notes.pop("provenance"), run.state.step, notes))
