@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from monoflow.activations import CReLU
-from monoflow.lipschitz.dense_fused import Packed, activation_value_and_slope, layer_parameters, plain_backward
+from monoflow.lipschitz.dense_fused import (Packed, activation_value_and_slope, differentiable_call, layer_parameters,
+                                            plain_backward)
 
 __all__ = ["buffered_supported", "buffered_applicable", "buffered_value", "buffered_jacobian"]
 
@@ -165,10 +166,8 @@ class _BufferedDense(torch.autograd.Function):
 
 def _evaluate(net: nn.Module, x: Tensor, packed: Packed, with_jacobian: bool):
     params, _, act, _ = packed
-    if torch.is_grad_enabled() and (x.requires_grad or params.requires_grad):
-        return _BufferedDense.apply(x, params, act, net, with_jacobian)
-    value, jac, _, _ = _forward(net, x, params, with_jacobian)
-    return (value, jac) if with_jacobian else value
+    return differentiable_call(_BufferedDense, (x, params, act), (net,), with_jacobian,
+                               lambda: _forward(net, x, params, with_jacobian)[:2])
 
 
 def buffered_value(net: nn.Module, x: Tensor, packed: Packed) -> Tensor:

@@ -26,7 +26,7 @@ and the network is flat (spectral-norm linear layers) with CPila or CLipSwish ac
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from monoflow import kernels
 from monoflow.activations import CLipSwish, CPila
 
-__all__ = ["supported", "fused_applicable", "fused_value", "fused_jacobian", "fused_newton", "plain_dense", "plain_backward",
-           "pack_parameters", "layer_parameters", "activation_value_and_slope", "operator_value_and_jacobian",
+__all__ = ["supported", "fused_applicable", "differentiable_call", "fused_value", "fused_jacobian", "fused_newton",
+           "plain_dense", "plain_backward", "pack_parameters", "layer_parameters", "activation_value_and_slope", "operator_value_and_jacobian",
            "dense_operator", "dense_backward_operator", "dense_newton_operator"]
 
 _KINDS = {CPila: kernels.DENSE_ACTIVATIONS["cpila"], CLipSwish: kernels.DENSE_ACTIVATIONS["clipswish"]}
@@ -204,12 +204,20 @@ class _FusedDense(torch.autograd.Function):
 Packed = Tuple[Tensor, Tuple[int, ...], Tensor, Optional[int]]
 
 
+def differentiable_call(function: type, inputs: Tuple[Tensor, ...], constants: tuple, with_jacobian: bool,
+                        without_graph: Callable[[], Tuple[Tensor, Optional[Tensor]]]):
+    """``function.apply(*inputs, *constants, with_jacobian)`` where grad mode records a graph through one
+    of the ``inputs``, else ``without_graph()``; the value, or ``(value, Jacobian)`` with ``with_jacobian``."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return function.apply(*inputs, *constants, with_jacobian)
+    value, jac = without_graph()
+    return (value, jac) if with_jacobian else value
+
+
 def _evaluate(net: nn.Module, x: Tensor, packed: Packed, with_jacobian: bool):
     params, hidden, act, kind = packed
-    if torch.is_grad_enabled() and (x.requires_grad or params.requires_grad or act.requires_grad):
-        return _FusedDense.apply(x, params, act, net, hidden, kind, with_jacobian)
-    value, jac = _kernel_forward(x, params, act, hidden, net.layers[-1].out_features, kind, with_jacobian)
-    return (value, jac) if with_jacobian else value
+    return differentiable_call(_FusedDense, (x, params, act), (net, hidden, kind), with_jacobian, lambda: _kernel_forward(
+        x, params, act, hidden, net.layers[-1].out_features, kind, with_jacobian))
 
 
 def fused_value(net: nn.Module, x: Tensor, packed: Packed) -> Tensor:
