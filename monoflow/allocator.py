@@ -9,15 +9,14 @@ raises both thresholds (``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRES
 freed blocks stay in the heap and the next iteration reuses them. The process then keeps its peak
 memory until it exits. Values are unchanged; only time is.
 
-The training loops (:func:`monoflow.experiments.train.train`, :func:`monoflow.images.training.train_image_flow`)
-and the ``monoflow`` command call it; ``MONOFLOW_RETAIN_FREED_MEMORY=0`` leaves glibc's defaults.
+The one training loop (:func:`monoflow.training.train_run`: toy, 1-D and image runs, from Python or
+the ``monoflow`` command) calls it; ``MONOFLOW_RETAIN_FREED_MEMORY=0`` leaves glibc's defaults.
 Elsewhere (macOS, Windows, musl) it does nothing. :func:`allocator_state` says what holds in this
 process; provenance records it (``cpu_allocator``).
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from typing import Optional
@@ -37,12 +36,8 @@ _state: Optional[str] = None
 def _glibc() -> Optional[ctypes.CDLL]:
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # only glibc has it  # noqa: B018
-        return libc
-    except (OSError, AttributeError):
-        return None
+    process = ctypes.CDLL(None)  # the symbols of this process, its C library's among them
+    return process if hasattr(process, "gnu_get_libc_version") and hasattr(process, "mallopt") else None
 
 
 def retain_freed_memory() -> str:

@@ -17,8 +17,6 @@ import pkgutil
 import sys
 from typing import Optional, Sequence
 
-from monoflow.allocator import retain_freed_memory
-
 __all__ = ["build_parser", "main", "check_device", "check_counts"]
 
 #: Setting this environment variable (to anything but "" or "0") shows tracebacks, as ``--debug`` does.
@@ -114,7 +112,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_counts(args)
         check_device(getattr(args, "device", None))
-        retain_freed_memory()  # monoflow.allocator: training steps reuse freed CPU memory
         result = args.handler(args)
     except KeyboardInterrupt:
         if debug:

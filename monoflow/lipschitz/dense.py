@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from monoflow.activations import make_activation
 from monoflow.lipschitz.chain import _propagate_jacobian
-from monoflow.lipschitz.dense_buffered import buffered_applicable, buffered_jacobian, buffered_supported, buffered_value
+from monoflow.lipschitz.dense_buffered import (buffered_applicable, buffered_jacobian, buffered_supported, buffered_value,
+                                               forward_on_buffers)
 from monoflow.lipschitz.dense_fused import (fused_applicable, fused_jacobian, fused_newton, fused_value,
                                             operator_value_and_jacobian, pack_parameters)
 from monoflow.lipschitz.dense_fused import supported as fused_supported
@@ -233,17 +234,11 @@ class DenseNet(nn.Module):
         input of layer :math:`\ell` is :math:`\mathrm{diag}(s_\ell)\, u` for the unscaled features
         :math:`u = [x, a_1, a_2, \dots]`, written once into one buffer, and the column scales
         :math:`s_\ell` (products of the :math:`\eta`'s) are folded into the weights,
-        :math:`\bar W_\ell\, \mathrm{diag}(s_\ell)`, cached until a parameter changes."""
+        :math:`\bar W_\ell\, \mathrm{diag}(s_\ell)`, cached until a parameter changes
+        (:func:`~monoflow.lipschitz.dense_buffered.forward_on_buffers`)."""
         *dense, last = self.layers
-        weights = self._column_scaled_weights(x.shape[1])
-        features = x.new_empty(x.shape[0], last.in_features)
-        width = x.shape[1]
-        features[:, :width] = x
-        for layer, weight in zip(dense, weights):
-            value = layer.activation(F.linear(features[:, :width], weight, layer.linear.bias))
-            features[:, width:width + value.shape[1]] = value
-            width += value.shape[1]
-        return F.linear(features, weights[-1], last.bias)
+        biases = [layer.linear.bias for layer in dense] + [last.bias]
+        return forward_on_buffers(self, x, list(zip(self._column_scaled_weights(x.shape[1]), biases)))[0]
 
     def _column_scaled_weights(self, width: int) -> List[torch.Tensor]:
         r""":meth:`_scaled_weights` without autograd, cached until a parameter changes; within a flow

@@ -25,22 +25,22 @@ Pila), on any device.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from monoflow.activations import CReLU
 from monoflow.lipschitz.dense_fused import (Packed, activation_value_and_slope, differentiable_call, layer_parameters,
-                                            plain_backward)
+                                            packable, plain_backward)
 
-__all__ = ["buffered_supported", "buffered_applicable", "buffered_value", "buffered_jacobian"]
+__all__ = ["buffered_supported", "buffered_applicable", "buffered_value", "buffered_jacobian", "forward_on_buffers"]
 
 
 def buffered_supported(net: nn.Module) -> bool:
-    """Whether :func:`buffered_value` computes ``net``: flat, with activations that have no parameters."""
+    """Whether :func:`buffered_value` computes ``net``: packable, with activations that have no parameters."""
     *dense, _ = net.layers
-    return bool(net._flat and dense and all(next(layer.activation.parameters(), None) is None for layer in dense))
+    return packable(net) and all(next(layer.activation.parameters(), None) is None for layer in dense)
 
 
 def buffered_applicable(net: nn.Module, x: Tensor) -> bool:
@@ -50,12 +50,17 @@ def buffered_applicable(net: nn.Module, x: Tensor) -> bool:
             and x.shape[1] == net.layers[0].linear.in_features and x.dtype == net.layers[-1].weight.dtype)
 
 
-def _forward(net: nn.Module, x: Tensor, params: Tensor,
-             with_jacobian: bool) -> Tuple[Tensor, Optional[Tensor], Tensor, List[Tensor]]:
-    r"""``(g(x), dg/dx or None, features u, states)``, without autograd; a layer's state is what its
-    backward needs: the masks of :math:`h_\ell > 0` and :math:`h_\ell < 0` for CReLU, the slope :math:`a'(h_\ell)` otherwise."""
+def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def forward_on_buffers(net: nn.Module, x: Tensor, views: Sequence[Tuple[Tensor, Tensor]], with_jacobian: bool = False,
+                       keep_states: bool = False) -> Tuple[Tensor, Optional[Tensor], Tensor, List[Tensor]]:
+    r"""``(g(x), dg/dx or None, features u, states)`` with each layer's ``(weight, bias)`` in ``views``,
+    without autograd, for any activation (a slope only where the tangents or ``keep_states`` need it).
+    A layer's state is what its backward needs: the masks of :math:`h_\ell > 0` and :math:`h_\ell < 0`
+    for CReLU, the slope :math:`a'(h_\ell)` otherwise; ``[]`` without ``keep_states``."""
     *dense, last = net.layers
-    views = layer_parameters(net, params)
     batch, dim = x.shape
     features = x.new_empty(batch, last.in_features)
     features[:, :dim] = x
@@ -67,31 +72,34 @@ def _forward(net: nn.Module, x: Tensor, params: Tensor,
     width = dim
     for layer, (weight, bias) in zip(dense, views):
         activation = layer.activation
-        pre = torch.addmm(bias, features[:, :width], weight.t())
+        pre = _affine(features[:, :width], weight, bias)
         pre_tangents = None if tangents is None else torch.mm(tangents[:, :width], weight.t()).view(dim, batch, -1)
         if type(activation) is CReLU:  # [relu(h), relu(-h)] written in place; its slopes as two 0/1 masks
             added = 2 * pre.shape[1]
             half = width + added // 2
             torch.clamp_min(pre, 0.0, out=features[:, width:half])
             torch.clamp_max(pre, 0.0, out=features[:, half:width + added]).neg_()
-            positive, negative = (pre > 0).to(pre.dtype), (pre < 0).to(pre.dtype)
-            if pre_tangents is not None:
-                out = tangents.view(dim, batch, -1)  # type: ignore[union-attr]
-                torch.mul(pre_tangents, positive, out=out[:, :, width:half])
-                torch.mul(pre_tangents, negative, out=out[:, :, half:width + added]).neg_()
-            states.append(torch.stack([positive, negative]))
+            if pre_tangents is not None or keep_states:
+                positive, negative = (pre > 0).to(pre.dtype), (pre < 0).to(pre.dtype)
+                if pre_tangents is not None:
+                    out = tangents.view(dim, batch, -1)  # type: ignore[union-attr]
+                    torch.mul(pre_tangents, positive, out=out[:, :, width:half])
+                    torch.mul(pre_tangents, negative, out=out[:, :, half:width + added]).neg_()
+                if keep_states:
+                    states.append(torch.stack([positive, negative]))
         else:
-            value, slope = activation_value_and_slope(activation, pre)
+            value, slope = activation_value_and_slope(activation, pre, with_slope=pre_tangents is not None or keep_states)
             added = value.shape[1]
             features[:, width:width + added] = value
             if pre_tangents is not None:
                 if activation.concatenates:
                     pre_tangents = pre_tangents.repeat(1, 1, 2)
                 torch.mul(pre_tangents, slope, out=tangents.view(dim, batch, -1)[:, :, width:width + added])  # type: ignore[union-attr]
-            states.append(slope)
+            if keep_states:
+                states.append(slope)
         width += added
     weight, bias = views[-1]
-    value = torch.addmm(bias, features, weight.t())
+    value = _affine(features, weight, bias)
     jac = None if tangents is None else torch.mm(tangents, weight.t()).view(dim, batch, -1).permute(1, 2, 0)
     return value, jac, features, states
 
@@ -146,7 +154,8 @@ class _BufferedDense(torch.autograd.Function):
     def forward(ctx, x: Tensor, params: Tensor, act: Tensor, net: nn.Module,  # type: ignore[override]
                 with_jacobian: bool):
         ctx.set_materialize_grads(False)  # a Jacobian that no gradient reaches: the value's backward alone
-        value, jac, features, states = _forward(net, x, params, with_jacobian)
+        value, jac, features, states = forward_on_buffers(net, x, layer_parameters(net, params), with_jacobian,
+                                                          keep_states=True)
         ctx.save_for_backward(x, params, act, features, *states)
         ctx.constants = (net, with_jacobian)
         return (value, jac) if with_jacobian else value
@@ -167,7 +176,7 @@ class _BufferedDense(torch.autograd.Function):
 def _evaluate(net: nn.Module, x: Tensor, packed: Packed, with_jacobian: bool):
     params, _, act, _ = packed
     return differentiable_call(_BufferedDense, (x, params, act), (net,), with_jacobian,
-                               lambda: _forward(net, x, params, with_jacobian)[:2])
+                               lambda: forward_on_buffers(net, x, layer_parameters(net, params), with_jacobian)[:2])
 
 
 def buffered_value(net: nn.Module, x: Tensor, packed: Packed) -> Tensor:

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from monoflow import kernels
 from monoflow.activations import CLipSwish, CPila
 
-__all__ = ["supported", "fused_applicable", "differentiable_call", "fused_value", "fused_jacobian", "fused_newton",
-           "plain_dense", "plain_backward", "pack_parameters", "layer_parameters", "activation_value_and_slope", "operator_value_and_jacobian",
-           "dense_operator", "dense_backward_operator", "dense_newton_operator"]
+__all__ = ["packable", "supported", "fused_applicable", "differentiable_call", "fused_value", "fused_jacobian", "fused_newton",
+           "plain_dense", "plain_backward", "pack_parameters", "layer_parameters", "activation_value_and_slope",
+           "operator_value_and_jacobian", "dense_operator", "dense_backward_operator", "dense_newton_operator"]
 
 _KINDS = {CPila: kernels.DENSE_ACTIVATIONS["cpila"], CLipSwish: kernels.DENSE_ACTIVATIONS["clipswish"]}
 
@@ -59,10 +59,16 @@ def _kind(activations: Sequence[nn.Module]) -> Optional[int]:
     return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
+def packable(net: nn.Module) -> bool:
+    """Whether :func:`pack_parameters` packs ``net``: flat, with dense layers and a bias in every linear map."""
+    *dense, last = net.layers
+    return bool(net._flat and dense and all(linear.bias is not None for linear in [layer.linear for layer in dense] + [last]))
+
+
 def supported(net: nn.Module) -> bool:
-    """Whether the kernels compute ``net``: a flat DenseNet whose layers all use CPila or all CLipSwish."""
+    """Whether the kernels compute ``net``: a packable DenseNet whose layers all use CPila or all CLipSwish."""
     *dense, _ = net.layers
-    return bool(net._flat and dense and _kind([layer.activation for layer in dense]) is not None)
+    return packable(net) and _kind([layer.activation for layer in dense]) is not None
 
 
 def fused_applicable(net: nn.Module, x: Tensor) -> bool:
@@ -112,10 +118,14 @@ def layer_parameters(net: nn.Module, params: Tensor) -> List[Tuple[Tensor, Tenso
     return views
 
 
-def activation_value_and_slope(activation: nn.Module, pre: Tensor, beta: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """The activation's value and slope at ``pre`` (for CLipSwish-type activations, at ``beta``)."""
+def activation_value_and_slope(activation: nn.Module, pre: Tensor, beta: Optional[Tensor] = None,
+                               with_slope: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """The activation's value and, with ``with_slope``, its slope at ``pre`` (else ``None``); for
+    CLipSwish-type activations at ``beta``."""
     if beta is not None:
-        return activation.forward_with_beta(pre, beta), activation.derivative_with_beta(pre, beta)
+        return activation.forward_with_beta(pre, beta), activation.derivative_with_beta(pre, beta) if with_slope else None
+    if not with_slope:
+        return activation(pre), None
     if hasattr(activation, "value_and_derivative"):
         return activation.value_and_derivative(pre)
     return activation(pre), activation.derivative(pre)
@@ -134,7 +144,7 @@ def plain_dense(net: nn.Module, x: Tensor, params: Tensor, act: Tensor,
             pre = F.linear(features, weight, bias)
             activation = layer.activation
             beta = act[index, 0] if isinstance(activation, CLipSwish) else None
-            value, slope = activation_value_and_slope(activation, pre, beta)
+            value, slope = activation_value_and_slope(activation, pre, beta, with_slope=tangents is not None)
             features = torch.cat([features, value], dim=1)
             if tangents is not None:
                 pre_tangents = F.linear(tangents, weight)
