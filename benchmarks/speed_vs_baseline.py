@@ -26,8 +26,9 @@ Usage::
     python benchmarks/speed_vs_baseline.py --cases toy:monotone:compiled --rounds 10
     python benchmarks/speed_vs_baseline.py --baseline HEAD~3 --output /tmp/speed.json
 
-Cases are ``toy:<model>[:compiled]`` (Table 1's 2-D models, 8gaussians) and ``regression:<model>``
-(Figure 4's 1-D models).
+Cases are ``toy:<model>[:compiled]`` (Table 1's 2-D models, 8gaussians), ``regression:<model>``
+(Figure 4's 1-D models) and ``image:<model>`` (training steps of the ``mnist5k-cpu`` preset, e.g.
+``image:monotone``; against baselines that have the image runs, e.g. ``--baseline a8dff60``).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def export_baseline(revision: str) -> Path:
 # ---------------------------------------------------------------- the worker (one per side)
 
 def _worker(case: str, threads: int, cpus: List[int]) -> None:
-    """Reads ``<steps>`` lines on stdin, trains that many steps, answers one JSON line each."""
+    """One side of ``case`` (:func:`_serve`)."""
     import torch
 
     import monoflow
@@ -88,6 +89,9 @@ def _worker(case: str, threads: int, cpus: List[int]) -> None:
     if cpus:  # both sides on the same cores: neither gets a quieter core than the other
         os.sched_setaffinity(0, cpus)
     kind, model_name, *mode = case.split(":")
+    if kind == "image":
+        _image_worker(model_name)
+        return
     if kind == "toy":
         config = toy_config("paper", model=model_name, dataset="8gaussians", seed=0)
         experiment: Any = ToyExperiment(config, compile=mode == ["compiled"])
@@ -101,6 +105,12 @@ def _worker(case: str, threads: int, cpus: List[int]) -> None:
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     timers = {phase: 0.0 for phase in TIMED_PHASES}
+    _serve(monoflow, lambda step: training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, timers))
+
+
+def _serve(monoflow: Any, train_step: Any) -> None:
+    """Say which ``monoflow`` was imported, then for each line ``<steps>`` on stdin train that many
+    steps (``train_step(step)`` returns the loss) and answer their seconds and losses in one JSON line."""
     step = 0
     print(json.dumps({"ready": True, "monoflow": str(Path(monoflow.__file__).parent)}), flush=True)
     for line in sys.stdin:
@@ -108,9 +118,28 @@ def _worker(case: str, threads: int, cpus: List[int]) -> None:
         losses = []
         tick = time.perf_counter()
         for _ in range(count):
-            losses.append(float(training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, timers)))
+            losses.append(float(train_step(step)))
             step += 1
         print(json.dumps({"seconds": time.perf_counter() - tick, "losses": losses}), flush=True)
+
+
+def _image_worker(model_name: str) -> None:
+    """The worker of an ``image:<model>`` case: training steps of the ``mnist5k-cpu`` preset with
+    ``model``, as ``monoflow images train`` takes them (``_ImageRun.train_step``: the whole batch with
+    its accumulation, clipping, Adam, power iterations, EMA), from seed 0, in a scratch run folder.
+    The baseline must have the same run object (commits since the image benchmarks of issue #19)."""
+    import torch
+
+    import monoflow
+    from monoflow.images.training import _ImageRun
+
+    with tempfile.TemporaryDirectory(prefix="monoflow_speed_image_") as folder:
+        run = _ImageRun("mnist5k-cpu", model=model_name, data_root=None, results_dir=folder, seed=0, iterations=None,
+                        device="cpu", allow_tf32=False, model_overrides=None, training_overrides=None,
+                        train_data=None, test_data=None, eval_limit=0, run_dir=folder, final_evaluation=False)
+        run.checkpoint = None
+        run.prepare()
+        _serve(monoflow, run.train_step)
 
 
 class _Side:
@@ -174,7 +203,7 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help=f"git revision to compare with (default {DEFAULT_BASELINE})")
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds per side")
-    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 20 toy, 4 regression)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 20 toy, 4 regression, 2 image)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed_vs_baseline.json")
     parser.add_argument("--cpus", type=int, nargs="+", default=[],
@@ -190,8 +219,9 @@ def main(argv: Any = None) -> int:
         return 0
     for case in args.cases:
         parts = case.split(":")
-        if parts[0] not in ("toy", "regression") or len(parts) not in (2, 3) or parts[2:] not in ([], ["compiled"]):
-            parser.error(f"unknown case {case!r}: use toy:<model>[:compiled] or regression:<model>")
+        if parts[0] not in ("toy", "regression", "image") or len(parts) not in (2, 3) \
+                or parts[2:] not in ([], ["compiled"]) or (parts[0] == "image" and len(parts) != 2):
+            parser.error(f"unknown case {case!r}: use toy:<model>[:compiled], regression:<model> or image:<model>")
 
     sys.path.insert(0, str(ROOT))
     from monoflow.provenance import benchmark_report, save_benchmark_report
@@ -210,7 +240,7 @@ def main(argv: Any = None) -> int:
             parser.error(f"{args.output} compares with another baseline ({earlier.get('baseline')}); use another --output")
         report["runs"] = [run for run in earlier["runs"] if run["case"] not in args.cases]
     for case in args.cases:
-        steps = args.steps or (4 if case.startswith("regression") else 20)
+        steps = args.steps or {"regression": 4, "image": 2}.get(case.split(":")[0], 20)
         compiled = case.endswith(":compiled")
         previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         with tempfile.TemporaryDirectory(prefix="monoflow_compile_cache_") as fresh_cache:
