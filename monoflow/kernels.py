@@ -29,8 +29,8 @@ CLipSwish :math:`\beta`) and :func:`dense_newton` (Newton steps of a resolvent s
 the samples.
 
 The C source below has no dependency (no torch headers): the first use compiles it with the
-machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native``, and
-``-O3`` alone where the compiler refuses that) into
+machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native
+-fno-trapping-math``, and without ``-march=native`` where the compiler refuses that) into
 ``~/.cache/monoflow/kernels/<key>/`` (``$XDG_CACHE_HOME`` where set), where the key hashes the
 source, compiler, flags and the CPU's feature flags, and loads it with :mod:`ctypes`; later
 processes load the library (milliseconds). Where there is no compiler, the build fails, or
