@@ -37,7 +37,10 @@ def _worker(case: str, warmup: int, steps: int) -> None:
     from monoflow.experiments.config import regression_config, toy_config
     from monoflow.experiments.regression1d import RegressionExperiment
     from monoflow.experiments.toy2d import ToyExperiment
-    from monoflow.experiments.train import TIMED_PHASES, make_optimizer, training_step
+    from monoflow.experiments.train import training_step
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compiled_loss_speed import _start_training
 
     state = retain_freed_memory()
     torch.set_num_threads(1)
@@ -48,11 +51,7 @@ def _worker(case: str, warmup: int, steps: int) -> None:
     else:
         config = regression_config("paper", model=model_name, seed=0)
         experiment = RegressionExperiment(config)
-    torch.manual_seed(config.seed)
-    model = experiment.build_model()
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    timers = {phase: 0.0 for phase in TIMED_PHASES}
+    model, optimizer, generator, timers = _start_training(experiment, learnable_concat=False)  # as a run starts
     for step in range(warmup):
         training_step(experiment, model, optimizer, generator, torch.device("cpu"), step, timers)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

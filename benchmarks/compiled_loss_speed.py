@@ -74,8 +74,8 @@ def compare_gradients(model: torch.nn.Module, eager: ToyExperiment, compiled: To
             "parameters_without_gradient": sum(g is None for g in grads)}
 
 
-def _start_training(experiment: ToyExperiment, learnable_concat: bool) -> tuple:
-    """``(model, optimizer, generator, timers)`` of a run of ``experiment`` at iteration 0."""
+def _start_training(experiment: Any, learnable_concat: bool) -> tuple:
+    """``(model, optimizer, generator, timers)`` of a run of ``experiment`` (2-D or 1-D) at iteration 0."""
     config = experiment.config
     torch.manual_seed(config.seed)
     model = experiment.build_model()
