@@ -375,3 +375,29 @@ def test_late_improvement_and_curves_use_the_last_points_test_images():
     assert late_improvement(run) == pytest.approx((1.2 - 1.0) / 1.2)
     labels = [images for _, _, images in _curve(run)]
     assert labels == ["first 5"] * 5 + ["spread, seed 0"] * 6  # the final evaluation goes with the last curve
+
+
+def test_plateau_forecast_extrapolates_the_last_fifth_as_a_power_of_the_steps():
+    """Halving from 4% to 2% over a doubling is f ~ 1/n: 1% after 4,000 steps; already below the
+    threshold: the current length; not falling, or seeds of different lengths: no forecast."""
+    import pandas as pd
+
+    from monoflow.images.table2 import plateau_forecast
+
+    def row(model, seed, base, now, steps=(1000, 2000)):
+        return {"dataset": "d", "model": model, "seed": seed, "steps_base": steps[0], "late_improvement_base": base,
+                "steps": steps[1], "late_improvement": now}
+
+    table = pd.DataFrame([row("halving", 0, 0.05, 0.025), row("halving", 1, 0.03, 0.015),
+                          row("quartering", 0, 0.16, 0.04),  # f ~ n^-2: 1% after 2,000 * 4^(1/2) steps
+                          row("done", 0, 0.02, 0.005), row("rising", 0, 0.01, 0.02),
+                          row("mixed", 0, 0.04, 0.02), row("mixed", 1, 0.04, 0.02, steps=(1000, 3000))])
+    forecast = {r["model"]: r for r in plateau_forecast(table)}
+    assert forecast["halving"]["steps"] == 4000 and forecast["halving"]["seeds"] == 2
+    assert forecast["halving"]["late_base"] == pytest.approx(0.04) and forecast["halving"]["late_now"] == pytest.approx(0.02)
+    assert forecast["quartering"]["steps"] == 4000
+    assert forecast["done"]["steps"] == 2000
+    assert forecast["rising"]["steps"] is None
+    assert "mixed" not in forecast
+    assert plateau_forecast(table.iloc[:0]) == []
+    assert {r["model"]: r["steps"] for r in plateau_forecast(table, threshold=0.02)}["halving"] == 2000

@@ -18,6 +18,7 @@ monotone) of the scale's ablation data set.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -30,7 +31,8 @@ from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
 __all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan",
            "hours_spent", "table2", "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step",
-           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "extended_runs", "scale_of_preset"]
+           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "extended_runs", "plateau_forecast",
+           "scale_of_preset"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -422,6 +424,34 @@ def extended_runs(extended_dir: PathLike, base_dir: PathLike = "results/images",
     columns = ["dataset", "model", "seed", "steps_base", "bpd_base", "late_improvement_base", "steps", "bpd",
                "late_improvement", "change"]
     return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "model", "seed"]).reset_index(drop=True)
+
+
+def plateau_forecast(extended, threshold: float = 0.01) -> List[Dict[str, object]]:
+    r"""Per model of :func:`extended_runs`' table, the steps after which the last-fifth improvement
+    would fall below ``threshold`` if it kept falling as a power of the steps, as it did between the
+    two lengths: with the means over seeds :math:`f_0` after :math:`n_0` steps and :math:`f_1` after
+    :math:`n_1`, :math:`f(n) = f_1 (n/n_1)^{-\alpha}`, :math:`\alpha = \log(f_0/f_1)/\log(n_1/n_0)`,
+    so :math:`n = n_1 (f_1/\text{threshold})^{1/\alpha}`. An extrapolation from two points, not a
+    measurement. ``steps`` is None where the improvement did not fall (no forecast), ``n_1`` where it
+    is already below the threshold."""
+    out: List[Dict[str, object]] = []
+    if not len(extended):
+        return out
+    for (dataset, model), rows in extended.groupby(["dataset", "model"]):
+        rows = rows.dropna(subset=["late_improvement_base", "late_improvement"])
+        if not len(rows) or rows["steps_base"].nunique() != 1 or rows["steps"].nunique() != 1:
+            continue  # no curve, or seeds of different lengths: no one pair of lengths to extrapolate from
+        n0, n1 = int(rows["steps_base"].iloc[0]), int(rows["steps"].iloc[0])
+        f0, f1 = float(rows["late_improvement_base"].mean()), float(rows["late_improvement"].mean())
+        if f1 < threshold:
+            steps: Optional[int] = n1
+        elif 0 < f1 < f0:
+            steps = int(math.ceil(n1 * (f1 / threshold) ** (math.log(n1 / n0) / math.log(f0 / f1))))
+        else:
+            steps = None
+        out.append({"dataset": dataset, "model": model, "seeds": len(rows), "steps_base": n0, "late_base": f0,
+                    "steps_now": n1, "late_now": f1, "steps": steps})
+    return out
 
 
 def compare_models(table, better: str, worse: str) -> List[Dict[str, object]]:
