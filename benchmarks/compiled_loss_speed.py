@@ -45,7 +45,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_speed import step_floor  # noqa: E402
+from toy_speed import KERNELS_LABEL, kernel_timers, step_floor  # noqa: E402
 
 from monoflow.compiled import _flow_loss  # noqa: E402
 from monoflow.experiments.config import toy_config  # noqa: E402
@@ -112,6 +112,16 @@ def measure(model_name: str, repeats: int, calls: int, flops_per_s: float) -> Di
                 training_step(experiment, model, optimizer, generator, "cpu", next(steps), timers)
             times[name].append((time.perf_counter() - tick) / calls)
     eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    in_kernels = {}  # a few more steps of each: the time inside the fused C kernels, and the steps' own time
+    for name, experiment in experiments.items():
+        spent: Dict[str, float] = {}
+        with kernel_timers(spent):
+            tick = time.perf_counter()
+            for _ in range(calls):
+                training_step(experiment, model, optimizer, generator, "cpu", next(steps), timers)
+            step_s = (time.perf_counter() - tick) / calls
+        in_kernels[name] = {"kernel_s_per_step": spent[KERNELS_LABEL] / calls, "s_per_step": step_s,
+                            "share": spent[KERNELS_LABEL] / calls / step_s}
     loss_fn = compiled._compiled_loss
     batch = eager.sample_batch(generator, torch.device("cpu"))
     eager_floor = step_floor(eager, model, optimizer, batch, eager_s, flops_per_s)
@@ -130,6 +140,9 @@ def measure(model_name: str, repeats: int, calls: int, flops_per_s: float) -> Di
         "compile_cache": cache,  # of this compile; hits: graphs the machine's compile cache already held
         "check": check,
         **compare_timings("eager", eager_s, "compiled", compiled_s, config.iterations, TARGET_MINUTES),
+        # seconds per step inside monoflow.kernels' C functions (the rest: graph calls, dispatch, autograd,
+        # Python wrappers, the update), measured over separate steps with the timer on
+        "in_fused_kernels": in_kernels,
         "batches": loss_fn.batches,
         "eager_fallbacks": loss_fn.fallbacks,
         "eager_floor": eager_floor,
@@ -267,7 +280,9 @@ def main(argv: Any = None) -> int:
                 f"{row['check']['largest_relative_gradient_difference']:.1e}; floor eager "
                 f"{1000 * row['eager_floor']['floor_s']:.2f} ms (x{row['eager_floor']['times_above_floor']:.0f}), "
                 f"compiled {1000 * row['compiled_floor']['floor_s']:.2f} ms "
-                f"(x{row['compiled_floor']['times_above_floor']:.0f})")
+                f"(x{row['compiled_floor']['times_above_floor']:.0f}); in fused kernels: eager "
+                + ", compiled ".join(f"{1000 * k['kernel_s_per_step']:.1f} ms ({k['share']:.0%})"
+                                     for k in row["in_fused_kernels"].values()))
 
     run_benchmark(report, args.models, lambda name: measure(name, args.repeats, args.calls, flops_per_s), describe,
                   args.output or results / "compiled_loss_speed.json")

@@ -39,7 +39,7 @@ import platform
 import pstats
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -114,18 +114,15 @@ def _profile_summary(profile: cProfile.Profile, top: int = 15) -> List[Dict[str,
 
 
 @contextlib.contextmanager
-def sub_phase_timers(timers: Dict[str, float]):
-    """Accumulate the wall time of the fixed-point solves, the adjoint solves and the log-det
-    estimators into ``timers`` (by wrapping those functions for the duration)."""
-    import monoflow.implicit as implicit
-    from monoflow import logdet
-
+def _timed_patches(patches: List[Tuple[Any, str, str]], timers: Dict[str, float]):
+    """For the duration, wrap each ``(owner, attribute, label)`` function so that its wall time is
+    added to ``timers[label]`` (nested calls of one label count once)."""
     depth: Dict[str, int] = {}
 
     def timed(function: Callable, name: str) -> Callable:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            depth[name] = depth.get(name, 0) + 1  # nested calls of one label count once
+            depth[name] = depth.get(name, 0) + 1
             tick = time.perf_counter()
             try:
                 return function(*args, **kwargs)
@@ -135,11 +132,6 @@ def sub_phase_timers(timers: Dict[str, float]):
                     timers[name] += time.perf_counter() - tick
         return wrapper
 
-    patches = [(implicit, "fixed_point_solve", "solves (forward and iterative adjoint)"),
-               (implicit, "scalar_resolvent_solve", "solves (forward and iterative adjoint)"),
-               (implicit, "_direct_adjoint", "adjoint (direct)")]
-    for estimator in (logdet.ExactLogDet, logdet.PowerSeriesLogDet, logdet.RussianRouletteLogDet):
-        patches += [(estimator, "__call__", "log-det"), (estimator, "value_and_logdet", "log-det")]
     originals = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
     for owner, name, label in patches:
         timers.setdefault(label, 0.0)
@@ -151,6 +143,37 @@ def sub_phase_timers(timers: Dict[str, float]):
         for owner, name, original in originals:
             if original is not None:
                 setattr(owner, name, original)
+
+
+#: the label of the time spent inside the C functions of monoflow.kernels
+KERNELS_LABEL = "fused kernels (C)"
+
+
+def _kernel_patch() -> Tuple[Any, str, str]:
+    from monoflow import kernels
+
+    return (kernels, "_in_row_blocks", KERNELS_LABEL)  # every kernel call goes through it
+
+
+def kernel_timers(timers: Dict[str, float]):
+    """Accumulate the wall time spent inside the fused C kernels (:mod:`monoflow.kernels`) into
+    ``timers[KERNELS_LABEL]``; they are called at run time, also from compiled graphs (as torch
+    operators), so this does not touch what ``torch.compile`` traced."""
+    return _timed_patches([_kernel_patch()], timers)
+
+
+def sub_phase_timers(timers: Dict[str, float]):
+    """Accumulate the wall time of the fixed-point solves, the adjoint solves, the log-det
+    estimators and the fused C kernels into ``timers`` (by wrapping those functions for the duration)."""
+    import monoflow.implicit as implicit
+    from monoflow import logdet
+
+    patches = [(implicit, "fixed_point_solve", "solves (forward and iterative adjoint)"),
+               (implicit, "scalar_resolvent_solve", "solves (forward and iterative adjoint)"),
+               (implicit, "_direct_adjoint", "adjoint (direct)")]
+    for estimator in (logdet.ExactLogDet, logdet.PowerSeriesLogDet, logdet.RussianRouletteLogDet):
+        patches += [(estimator, "__call__", "log-det"), (estimator, "value_and_logdet", "log-det")]
+    return _timed_patches(patches + [_kernel_patch()], timers)
 
 
 def _synchronize(device: torch.device) -> None:
