@@ -102,24 +102,24 @@ def measure(model_name: str, repeats: int, calls: int, flops_per_s: float) -> Di
 
     times: Dict[str, List[float]] = {"eager": [], "compiled": []}
     experiments = {"eager": eager, "compiled": compiled}
-    for name in times:  # warm-up
-        for _ in range(3):
-            training_step(experiments[name], model, optimizer, generator, "cpu", next(steps), timers)
+
+    def seconds_per_step(experiment: ToyExperiment, count: int) -> float:
+        tick = time.perf_counter()
+        for _ in range(count):
+            training_step(experiment, model, optimizer, generator, "cpu", next(steps), timers)
+        return (time.perf_counter() - tick) / count
+
+    for experiment in experiments.values():  # warm-up
+        seconds_per_step(experiment, 3)
     for _ in range(repeats):
         for name, experiment in experiments.items():
-            tick = time.perf_counter()
-            for _ in range(calls):
-                training_step(experiment, model, optimizer, generator, "cpu", next(steps), timers)
-            times[name].append((time.perf_counter() - tick) / calls)
+            times[name].append(seconds_per_step(experiment, calls))
     eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
     in_kernels = {}  # a few more steps of each: the time inside the fused C kernels, and the steps' own time
     for name, experiment in experiments.items():
         spent: Dict[str, float] = {}
         with kernel_timers(spent):
-            tick = time.perf_counter()
-            for _ in range(calls):
-                training_step(experiment, model, optimizer, generator, "cpu", next(steps), timers)
-            step_s = (time.perf_counter() - tick) / calls
+            step_s = seconds_per_step(experiment, calls)
         in_kernels[name] = {"kernel_s_per_step": spent[KERNELS_LABEL] / calls, "s_per_step": step_s,
                             "share": spent[KERNELS_LABEL] / calls / step_s}
     loss_fn = compiled._compiled_loss
@@ -280,9 +280,9 @@ def main(argv: Any = None) -> int:
                 f"{row['check']['largest_relative_gradient_difference']:.1e}; floor eager "
                 f"{1000 * row['eager_floor']['floor_s']:.2f} ms (x{row['eager_floor']['times_above_floor']:.0f}), "
                 f"compiled {1000 * row['compiled_floor']['floor_s']:.2f} ms "
-                f"(x{row['compiled_floor']['times_above_floor']:.0f}); in fused kernels: eager "
-                + ", compiled ".join(f"{1000 * k['kernel_s_per_step']:.1f} ms ({k['share']:.0%})"
-                                     for k in row["in_fused_kernels"].values()))
+                f"(x{row['compiled_floor']['times_above_floor']:.0f}); in fused kernels: "
+                + ", ".join(f"{kind} {1000 * k['kernel_s_per_step']:.1f} ms ({k['share']:.0%})"
+                            for kind, k in row["in_fused_kernels"].items()))
 
     run_benchmark(report, args.models, lambda name: measure(name, args.repeats, args.calls, flops_per_s), describe,
                   args.output or results / "compiled_loss_speed.json")
