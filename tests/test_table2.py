@@ -1,6 +1,7 @@
 """Table 2 at any scale: the mnist5k loader, Residual Flow's image g, the runner and the tables."""
 import gzip
 import json
+import math
 import sys
 
 import numpy as np
@@ -377,27 +378,56 @@ def test_late_improvement_and_curves_use_the_last_points_test_images():
     assert labels == ["first 5"] * 5 + ["spread, seed 0"] * 6  # the final evaluation goes with the last curve
 
 
-def test_plateau_forecast_extrapolates_the_last_fifth_as_a_power_of_the_steps():
-    """Halving from 4% to 2% over a doubling is f ~ 1/n: 1% after 4,000 steps; already below the
-    threshold: the current length; not falling, or seeds of different lengths: no forecast."""
-    import pandas as pd
+def _power_curve_run(model, seed, alpha, scale, iterations=4000, every=100, start=100, images=None):
+    """A run whose log-bpd curve is 0.1 + D n^-alpha: h(L) = log b(0.8L) - log b(L) = D (0.8^-alpha - 1) L^-alpha,
+    with D set so that h(iterations) = scale."""
+    d = scale * iterations ** alpha / (0.8 ** -alpha - 1) if alpha else 0.0
+    bpd = (lambda n: math.exp(0.1 + d * n ** -alpha)) if alpha else (lambda n: 2.0 * n ** -scale)
+    return {"dataset": "d", "model": model, "seed": seed, "iterations": iterations,
+            "metrics": {"bpd_test": bpd(iterations), "n_test_images": 10},
+            "evaluations": [dict({"step": n, "bpd_test": bpd(n), "n_test_images": 10},
+                                 **({"curve_subset": images} if images and n > 2000 else {}))
+                            for n in range(start, iterations + 1, every)]}
 
+
+def test_late_improvement_curve_interpolates_and_ends_at_the_last_fifth():
+    """b(n) = 2 n^-g improves by 1 - 0.8^g over every last fifth, whatever the length; the curve's
+    last value is late_improvement's, and points on earlier test images are left out."""
+    from monoflow.images.table2 import late_improvement_curve
+
+    run = _power_curve_run("flat", 0, 0, 0.05)
+    curve = late_improvement_curve(run)
+    assert [n for n, _ in curve] == list(range(2000, 4001, 100))
+    assert [f for _, f in curve] == pytest.approx([1 - 0.8 ** 0.05] * len(curve), rel=5e-3)  # 0.8L between points
+    assert curve[-1][1] == pytest.approx(late_improvement(run))
+    switched = _power_curve_run("flat", 0, 0, 0.05, images="spread, seed 0")
+    assert [n for n, _ in late_improvement_curve(switched)][0] == 2700  # 0.8 * 2700 >= 2100, the first new point
+
+
+def test_plateau_forecast_fits_the_last_fifth_as_a_power_of_the_steps(tmp_path):
+    """For log b(n) = c + D n^-alpha the fit is exact: h(L) = h(4000) (L/4000)^-alpha falls to
+    -log(0.99) after 4000 (h(4000)/-log(0.99))^(1/alpha) steps. Already below: the last length; not
+    falling, or beyond the horizon: no steps; seeds of different lengths: no row."""
     from monoflow.images.table2 import plateau_forecast
 
-    def row(model, seed, base, now, steps=(1000, 2000)):
-        return {"dataset": "d", "model": model, "seed": seed, "steps_base": steps[0], "late_improvement_base": base,
-                "steps": steps[1], "late_improvement": now}
-
-    table = pd.DataFrame([row("halving", 0, 0.05, 0.025), row("halving", 1, 0.03, 0.015),
-                          row("quartering", 0, 0.16, 0.04),  # f ~ n^-2: 1% after 2,000 * 4^(1/2) steps
-                          row("done", 0, 0.02, 0.005), row("rising", 0, 0.01, 0.02),
-                          row("mixed", 0, 0.04, 0.02), row("mixed", 1, 0.04, 0.02, steps=(1000, 3000))])
-    forecast = {r["model"]: r for r in plateau_forecast(table)}
-    assert forecast["halving"]["steps"] == 4000 and forecast["halving"]["seeds"] == 2
-    assert forecast["halving"]["late_base"] == pytest.approx(0.04) and forecast["halving"]["late_now"] == pytest.approx(0.02)
-    assert forecast["quartering"]["steps"] == 4000
-    assert forecast["done"]["steps"] == 2000
-    assert forecast["rising"]["steps"] is None
+    target = -math.log(0.99)
+    runs = [_power_curve_run("inverse", 0, 1.0, 0.02), _power_curve_run("inverse", 1, 1.0, 0.02),
+            _power_curve_run("square", 0, 2.0, 0.04), _power_curve_run("done", 0, 1.0, 0.005),
+            _power_curve_run("flat", 0, 0, 0.05), _power_curve_run("mixed", 0, 1.0, 0.02),
+            _power_curve_run("mixed", 1, 1.0, 0.02, iterations=3000)]
+    forecast = {r["model"]: r for r in plateau_forecast(runs)}
+    assert forecast["inverse"]["seeds"] == 2 and forecast["inverse"]["lengths"] == 21
+    assert forecast["inverse"]["exponent"] == pytest.approx(1.0, rel=1e-2)  # b(0.8L) interpolated
+    assert forecast["inverse"]["steps"] == pytest.approx(4000 * 0.02 / target, rel=1e-2)
+    assert forecast["inverse"]["late_now"] == pytest.approx(1 - math.exp(-0.02))
+    assert forecast["square"]["steps"] == pytest.approx(4000 * (0.04 / target) ** 0.5, rel=1e-2)
+    assert forecast["done"]["steps"] == 4000
+    assert forecast["inverse"]["outcome"] == "forecast" and forecast["done"]["outcome"] == "below the threshold"
+    assert forecast["flat"]["steps"] is None and abs(forecast["flat"]["exponent"]) < 1e-2
+    assert forecast["flat"]["outcome"] in ("not falling", "beyond 10 times the length")
+    slow = {r["model"]: r for r in plateau_forecast(runs, horizon=1.5)}["inverse"]  # 4,000 x 0.02 / 0.01005 = 7,960 > 1.5 x 4,000
+    assert slow["steps"] is None and slow["outcome"] == "beyond 1.5 times the length"
     assert "mixed" not in forecast
-    assert plateau_forecast(table.iloc[:0]) == []
-    assert {r["model"]: r["steps"] for r in plateau_forecast(table, threshold=0.02)}["halving"] == 2000
+    assert plateau_forecast([]) == [] and plateau_forecast(tmp_path) == []
+    assert [n for n, _ in forecast["inverse"]["curve"]] == list(range(2000, 4001, 100))
+    assert forecast["inverse"]["steps"] > {r["model"]: r["steps"] for r in plateau_forecast(runs, threshold=0.015)}["inverse"]

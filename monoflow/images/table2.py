@@ -31,7 +31,8 @@ from monoflow.images.results import read_runs, run_directory, seconds_per_step
 
 __all__ = ["TABLE2_SCALES", "ABLATION_ROWS", "Table2Scale", "planned_runs", "train_scale", "training_plan",
            "hours_spent", "table2", "ablation_table", "write_table2", "paper_image_numbers", "seconds_per_step",
-           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "extended_runs", "plateau_forecast",
+           "learning_curves", "late_improvement", "compare_models", "curve_gaps", "extended_runs", "late_improvement_curve",
+           "plateau_forecast",
            "scale_of_preset"]
 
 PathLike = Union[str, os.PathLike]
@@ -426,31 +427,70 @@ def extended_runs(extended_dir: PathLike, base_dir: PathLike = "results/images",
     return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "model", "seed"]).reset_index(drop=True)
 
 
-def plateau_forecast(extended, threshold: float = 0.01) -> List[Dict[str, object]]:
-    r"""Per model of :func:`extended_runs`' table, the steps after which the last-fifth improvement
-    would fall below ``threshold`` if it kept falling as a power of the steps, as it did between the
-    two lengths: with the means over seeds :math:`f_0` after :math:`n_0` steps and :math:`f_1` after
-    :math:`n_1`, :math:`f(n) = f_1 (n/n_1)^{-\alpha}`, :math:`\alpha = \log(f_0/f_1)/\log(n_1/n_0)`,
-    so :math:`n = n_1 (f_1/\text{threshold})^{1/\alpha}`. An extrapolation from two points, not a
-    measurement. ``steps`` is None where the improvement did not fall (no forecast), ``n_1`` where it
-    is already below the threshold."""
+def late_improvement_curve(run: dict, since: float = 0.5) -> List[Tuple[int, float]]:
+    r"""The last-fifth improvement as the run went on: for every curve point :math:`L` from ``since``
+    of the run's steps to its end, :math:`(b(0.8L) - b(L))/b(0.8L)`, the improvement a run of
+    :math:`L` steps would have shown (:func:`late_improvement` at its last point), with
+    :math:`b(0.8L)` interpolated linearly between the points around it. Points on the last point's
+    test images only; a length whose :math:`0.8L` comes before the first of them is left out."""
+    points = _curve_points(run)
+    points = [p for p in points if p[2] == points[-1][2]] if points else points
+    steps = np.array([p[0] for p in points], dtype=float)
+    bpd = np.array([p[1] for p in points])
+    return [(int(length), float((earlier - value) / earlier))
+            for length, value in zip(steps, bpd) if length >= since * run["iterations"] and 0.8 * length >= steps[0]
+            for earlier in [np.interp(0.8 * length, steps, bpd)]]
+
+
+def plateau_forecast(runs: Union[PathLike, Sequence[dict]], scale: str = "cpu", threshold: float = 0.01,
+                     since: float = 0.5, horizon: float = 10.0) -> List[Dict[str, object]]:
+    r"""Per (data set, model) of ``runs`` (run records, or a results folder whose finished runs of
+    ``scale`` are read), the steps after which the last-fifth improvement would fall
+    below ``threshold`` if it kept falling as it did over the runs' second half
+    (:func:`late_improvement_curve` from ``since`` of the steps, mean over seeds at the lengths that
+    every seed has). On the log scale, :math:`h(L) = \log b(0.8L) - \log b(L) = -\log(1 - f(L))`
+    is fitted by least squares as :math:`h(L) = h_1 (L/L_1)^{-\alpha}` (exact when
+    :math:`\log b(n) = c + D n^{-\alpha}`), so the forecast is
+    :math:`n = L_1 (h_1 / -\log(1 - \text{threshold}))^{1/\alpha}`. An extrapolation, not a
+    measurement. ``steps`` is the last length where the mean is already below the threshold, and
+    None where it does not fall (:math:`\alpha \le 0`) or would take more than ``horizon`` times
+    the last length (``outcome`` says which); fewer than 3 shared lengths or seeds of different
+    lengths give no row. ``late_first`` / ``late_now``: the mean improvement at the first and last
+    length fitted; ``curve``: (length, mean improvement) at every length fitted."""
+    if isinstance(runs, (str, os.PathLike)):
+        runs = _scale_runs(runs, scale)
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["dataset"], _model_label(run)), []).append(run)
     out: List[Dict[str, object]] = []
-    if not len(extended):
-        return out
-    for (dataset, model), rows in extended.groupby(["dataset", "model"]):
-        rows = rows.dropna(subset=["late_improvement_base", "late_improvement"])
-        if not len(rows) or rows["steps_base"].nunique() != 1 or rows["steps"].nunique() != 1:
-            continue  # no curve, or seeds of different lengths: no one pair of lengths to extrapolate from
-        n0, n1 = int(rows["steps_base"].iloc[0]), int(rows["steps"].iloc[0])
-        f0, f1 = float(rows["late_improvement_base"].mean()), float(rows["late_improvement"].mean())
-        if f1 < threshold:
-            steps: Optional[int] = n1
-        elif 0 < f1 < f0:
-            steps = int(math.ceil(n1 * (f1 / threshold) ** (math.log(n1 / n0) / math.log(f0 / f1))))
+    for (dataset, model), of_model in sorted(groups.items()):
+        if len({r["iterations"] for r in of_model}) != 1:
+            continue  # seeds of different lengths: no one curve to extrapolate
+        curves = [dict(late_improvement_curve(r, since)) for r in of_model]
+        lengths = sorted(set.intersection(*(set(c) for c in curves)))
+        if len(lengths) < 3:
+            continue
+        improvement = np.array([np.mean([c[n] for c in curves]) for n in lengths])
+        steps: Optional[int] = None
+        alpha = float("nan")
+        if improvement[-1] < threshold:
+            steps, outcome = lengths[-1], "below the threshold"
+        elif (improvement <= 0).any():
+            outcome = "not falling"
         else:
-            steps = None
-        out.append({"dataset": dataset, "model": model, "seeds": len(rows), "steps_base": n0, "late_base": f0,
-                    "steps_now": n1, "late_now": f1, "steps": steps})
+            slope, intercept = np.polyfit(np.log(lengths), np.log(-np.log1p(-improvement)), 1)
+            alpha = float(-slope)
+            forecast = math.exp((math.log(-math.log1p(-threshold)) - intercept) / slope) if alpha > 0 else math.inf
+            if alpha <= 0:
+                outcome = "not falling"
+            elif forecast > horizon * lengths[-1]:
+                outcome = f"beyond {horizon:g} times the length"
+            else:
+                steps, outcome = int(math.ceil(forecast)), "forecast"
+        out.append({"dataset": dataset, "model": model, "seeds": len(of_model), "first_length": lengths[0],
+                    "late_first": float(improvement[0]), "last_length": lengths[-1], "late_now": float(improvement[-1]),
+                    "lengths": len(lengths), "exponent": alpha, "steps": steps, "outcome": outcome,
+                    "curve": list(zip(lengths, improvement.tolist()))})
     return out
 
 
