@@ -322,6 +322,13 @@ def _curve_points(run: dict) -> List[Tuple[int, float, str]]:
             for e in run.get("evaluations", []) if "bpd_test" in e]
 
 
+def _last_images_points(run: dict) -> List[Tuple[int, float, str]]:
+    """:func:`_curve_points` on the last point's test images (a run continued past a change of
+    them has two sets)."""
+    points = _curve_points(run)
+    return [p for p in points if p[2] == points[-1][2]] if points else points
+
+
 def _curve(run: dict) -> List[Tuple[int, float, str]]:
     """:func:`_curve_points`, then the final evaluation (labelled with the last point's images,
     so that it stays with its curve)."""
@@ -391,8 +398,7 @@ def late_improvement(run: dict) -> Optional[float]:
     final evaluation (all test images, several draws) is not mixed in; when a run has no curve
     point at its last step, the last point during training stands for it. Only points on the last
     point's test images count (a run continued past a change of them has two sets)."""
-    points = _curve_points(run)
-    points = [p for p in points if p[2] == points[-1][2]] if points else points
+    points = _last_images_points(run)
     if len(points) < 2:
         return None
     target = 0.8 * run["iterations"]
@@ -433,8 +439,7 @@ def late_improvement_curve(run: dict, since: float = 0.5) -> List[Tuple[int, flo
     :math:`L` steps would have shown (:func:`late_improvement` at its last point), with
     :math:`b(0.8L)` interpolated linearly between the points around it. Points on the last point's
     test images only; a length whose :math:`0.8L` comes before the first of them is left out."""
-    points = _curve_points(run)
-    points = [p for p in points if p[2] == points[-1][2]] if points else points
+    points = _last_images_points(run)
     steps = np.array([p[0] for p in points], dtype=float)
     bpd = np.array([p[1] for p in points])
     return [(int(length), float((earlier - value) / earlier))
