@@ -491,7 +491,7 @@ def plateau_forecast(runs: Union[PathLike, Sequence[dict]], scale: str = "cpu", 
             elif forecast > horizon * lengths[-1]:
                 outcome = f"beyond {horizon:g} times the length"
             else:
-                steps, outcome = int(math.ceil(forecast)), "forecast"
+                steps, outcome = max(int(math.ceil(forecast)), lengths[-1]), "forecast"  # a fit below the last mean: now
         out.append({"dataset": dataset, "model": model, "seeds": len(of_model), "first_length": lengths[0],
                     "late_first": float(improvement[0]), "last_length": lengths[-1], "late_now": float(improvement[-1]),
                     "lengths": len(lengths), "exponent": alpha, "steps": steps, "outcome": outcome,
