@@ -457,10 +457,10 @@ def plateau_forecast(runs: Union[PathLike, Sequence[dict]], scale: str = "cpu", 
     is fitted by least squares as :math:`h(L) = h_1 (L/L_1)^{-\alpha}` (exact when
     :math:`\log b(n) = c + D n^{-\alpha}`), so the forecast is
     :math:`n = L_1 (h_1 / -\log(1 - \text{threshold}))^{1/\alpha}`. An extrapolation, not a
-    measurement. ``steps`` is the last length where the mean is already below the threshold, and
-    None where it does not fall (:math:`\alpha \le 0`) or would take more than ``horizon`` times
-    the last length (``outcome`` says which); fewer than 3 shared lengths or seeds of different
-    lengths give no row. ``late_first`` / ``late_now``: the mean improvement at the first and last
+    measurement. ``steps`` is the last length where the mean is already below the threshold (or the
+    fit crosses it before the last length), and None where it does not fall (:math:`\alpha \le 0`)
+    or would take more than ``horizon`` times the last length (``outcome`` says which); fewer than 3
+    shared lengths or seeds of different lengths give no row. ``late_first`` / ``late_now``: the mean improvement at the first and last
     length fitted; ``curve``: (length, mean improvement) at every length fitted."""
     if isinstance(runs, (str, os.PathLike)):
         runs = _scale_runs(runs, scale)
