@@ -402,6 +402,7 @@ def test_late_improvement_curve_interpolates_and_ends_at_the_last_fifth():
     assert curve[-1][1] == pytest.approx(late_improvement(run))
     switched = _power_curve_run("flat", 0, 0, 0.05, images="spread, seed 0")
     assert [n for n, _ in late_improvement_curve(switched)][0] == 2700  # 0.8 * 2700 >= 2100, the first new point
+    assert late_improvement_curve(dict(run, evaluations=[])) == []  # a run without a curve
 
 
 def test_plateau_forecast_fits_the_last_fifth_as_a_power_of_the_steps(tmp_path):

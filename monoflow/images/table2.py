@@ -440,6 +440,8 @@ def late_improvement_curve(run: dict, since: float = 0.5) -> List[Tuple[int, flo
     :math:`b(0.8L)` interpolated linearly between the points around it. Points on the last point's
     test images only; a length whose :math:`0.8L` comes before the first of them is left out."""
     points = _last_images_points(run)
+    if not points:
+        return []
     steps = np.array([p[0] for p in points], dtype=float)
     bpd = np.array([p[1] for p in points])
     return [(int(length), float((earlier - value) / earlier))
@@ -460,8 +462,9 @@ def plateau_forecast(runs: Union[PathLike, Sequence[dict]], scale: str = "cpu", 
     measurement. ``steps`` is the last length where the mean is already below the threshold (or the
     fit crosses it before the last length), and None where it does not fall (:math:`\alpha \le 0`)
     or would take more than ``horizon`` times the last length (``outcome`` says which); fewer than 3
-    shared lengths or seeds of different lengths give no row. ``late_first`` / ``late_now``: the mean improvement at the first and last
-    length fitted; ``curve``: (length, mean improvement) at every length fitted."""
+    shared lengths or seeds of different lengths give no row. ``late_first`` / ``late_now``: the
+    mean improvement at the first and last length fitted; ``curve``: (length, mean improvement) at
+    every length fitted."""
     if isinstance(runs, (str, os.PathLike)):
         runs = _scale_runs(runs, scale)
     groups: Dict[Tuple[str, str], List[dict]] = {}
